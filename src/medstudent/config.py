@@ -1,0 +1,238 @@
+"""Run configuration: YAML presets validated by pydantic, with `--set a.b=v` overrides.
+
+One schema for every task so one trainer, one predictor and one report serve segmentation and
+classification alike. Unknown keys are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medstudent.errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(Section):
+    root: str = "demo_out/data"  # data set folder (any supported layout)
+    task: Literal["segmentation", "classification"] = "segmentation"
+    split: str | None = None  # split JSON; made on the fly (and saved in the run) when absent
+    fold: int = 0
+    test_fraction: float = 0.2
+    n_folds: int = 5
+    split_seed: int = 0
+    label_map: dict[str, int] | None = None  # labelme label -> class id; default: every label is class 1
+    empty_if_missing: bool = False
+    group_regex: str | None = r"^[A-Za-z]+-(\d+)-\d+$"
+    skip_bad: bool = False
+    num_workers: int = 0
+    cache: bool = (
+        True  # keep decoded (and rescaled) images in RAM: decoding 1716x942 JPEGs dominates CPU epochs
+    )
+
+
+class ModelConfig(Section):
+    arch: str = "fpn"  # unet | unetplusplus | deeplabv3plus | fpn | pan, or a timm classifier name
+    encoder: str = "efficientnet_lite0"  # timm encoder name (segmentation); "tu-" prefix optional
+    pretrained: str | None = "efficientnet_lite0.bundled"  # a file, efficientnet_lite0.bundled, hub, none
+    in_channels: int = 3
+    dropout: float = 0.0
+    drop_path_rate: float = 0.0  # stochastic depth
+    decoder_activation: Literal["relu", "mish"] = "relu"
+    deep_supervision: bool = False
+
+
+class AugmentConfig(Section):
+    scale: float = 1.0  # image scale factor for CPU work (0.5 = half resolution)
+    resize: tuple[int, int] | None = None  # (height, width); None = keep size, pad to a multiple of 32
+    crop: tuple[int, int] | None = None  # random crop (height, width) for training; None = whole image
+    crop_target_prob: float = 0.0  # probability that a training crop contains a target
+    hflip: float = 0.5
+    vflip: float = 0.5
+    rot90: float = 0.0
+    stain: float = 0.0  # probability of H&E stain augmentation
+    autoaugment: float = 0.0  # initial probability of the colour/geometry policy
+    autoaugment_off_last: float = 0.1  # fraction of the final epochs with the policy switched off
+    randaugment: float = 0.0  # classification: probability of a RandAugment-style op chain
+    rotate: float = 0.0  # classification: max small rotation in degrees
+    noise: float = 0.0  # probability of Gaussian noise
+    grayscale: bool = False  # classification: read as greyscale (replicated to in_channels)
+    center_crop: int | None = None  # classification: centre crop size
+    image_size: int | None = None  # classification: resize to this (square) after the crop
+    normalize: Literal["imagenet", "half"] = "imagenet"  # half = mean 0.5 std 0.5, as the OCT reference
+
+
+class LossConfig(Section):
+    name: Literal["dice", "focal", "dice_focal", "dice_bce", "bce", "ce"] = "dice_bce"
+    focal_gamma: float = 2.0
+    dice_weight: float = 1.0
+    other_weight: float = 1.0
+    class_weights: list[float] | Literal["balanced"] | None = None  # classification
+    label_smoothing: float = 0.0
+    deep_supervision_weights: tuple[float, ...] = (1.0, 0.25, 0.0625)
+
+
+class OptimConfig(Section):
+    name: Literal["adamw", "adam", "adabelief", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    eps: float = 1e-8
+    momentum: float = 0.9
+    scheduler: Literal["cosine", "step", "none"] = "cosine"
+    warmup_epochs: float = 0.0
+    step_size: int = 7
+    gamma: float = 0.1
+    min_lr_ratio: float = 0.01
+
+
+class TrainConfig(Section):
+    name: str = "run"
+    output_dir: str = "runs"
+    epochs: int = 10
+    max_minutes: float | None = None  # stop cleanly after this wall time (keeps best and last)
+    batch_size: int = 4
+    accumulate: int = 1
+    drop_last: bool = False
+    precision: Literal["32", "bf16", "16"] = "32"
+    seed: int = 0
+    deterministic: bool = True
+    val_every: int = 1
+    balanced_sampling: bool = False
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    accelerator: str = "auto"
+    threads: int | None = None
+    limit_train_batches: int | float | None = None
+
+
+class PostprocessConfig(Section):
+    threshold: float = 0.5  # plain threshold when hysteresis is off
+    hysteresis: bool = False
+    drop: float = 0.6  # an object is dropped unless its max probability reaches `drop`
+    high: float = 0.5  # seed threshold
+    low: float = 0.3  # grow threshold
+    closing: int = 0  # radius of morphological closing (0 = off)
+    fill_holes: bool = False
+    min_area: int = 0  # pixels at the original resolution
+    fill_border: bool = False
+
+
+class PredictConfig(Section):
+    tta: Literal["none", "flip", "d4"] = "none"
+    ensemble: Literal["mean", "vote"] = "mean"
+    tile: int | None = None  # sliding window size (pixels, model resolution) for large images
+    max_full_pixels: int = 2200 * 2200  # images larger than this go through the sliding window
+    overlap: float = 0.25
+
+
+class SelfTrainConfig(Section):
+    teacher: str | None = None
+    labeled_fraction: float = 1.0
+    unlabeled: str | None = None
+    unlabeled_fraction: float = 1.0
+    threshold: float = 0.7
+    soft: bool = False
+    balance: bool = True
+    min_confident_fraction: float = 0.9
+    postprocess: bool = False
+    num_students: int = 2
+    ensemble_size: int = 1
+    student_encoder: str | None = None
+    student_arch: str | None = None
+    student_dropout: float = 0.2
+    student_drop_path_rate: float = 0.2
+    student_augment: dict[str, Any] = Field(default_factory=dict)
+    stop_when_worse: bool = True
+
+
+class RunConfig(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
+    selftrain: SelfTrainConfig | None = None
+    ensemble: list[dict[str, Any]] | None = None  # presets that train several models (e.g. system a)
+    search: dict[str, Any] | None = None  # hyper-parameter search space (medstudent tune)
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.postprocess.hysteresis and not (self.postprocess.low <= self.postprocess.high):
+            raise ValueError("postprocess.low must be <= postprocess.high")
+        return self
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars/lists: 0.5, true, null, [1, 2], fpn."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(doc: dict, overrides: list[str] | None) -> dict:
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(None, f"--set expects key.path=value, got '{item}'")
+        key, value = item.split("=", 1)
+        node = doc
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(None, f"--set {key}: '{p}' is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return doc
+
+
+def resolve_preset(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (
+        PRESET_DIR / f"{name_or_path}.yaml",
+        PRESET_DIR / str(name_or_path),
+        Path("configs") / f"{name_or_path}.yaml",
+    ):
+        if cand.is_file():
+            return cand
+    presets = sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
+    raise ConfigError(p, f"config not found (not a file, not a preset; presets: {', '.join(presets)})")
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None
+) -> RunConfig:
+    """Read YAML (a path or a preset name), apply `--set` overrides, validate."""
+    doc: dict = dict(base or {})
+    src: Path | None = None
+    if path is not None:
+        src = resolve_preset(path)
+        try:
+            doc = yaml.safe_load(src.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(src, f"not valid YAML ({e})") from e
+    doc = apply_overrides(doc, overrides)
+    try:
+        return RunConfig.model_validate(doc)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise ConfigError(src, f"{loc}: {err['msg']} ({len(e.errors())} error(s) in all)") from e
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,44 @@
+"""Shared fixtures: synthetic data sets made once per session, and the location of the real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(
+    os.environ.get("MEDSTUDENT_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
+)
+
+
+def shared_path(*parts: str) -> Path:
+    """Path under ../shared/data; the test is skipped when it is absent (real data is never in the repo)."""
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"real data not available at {p}")
+    return p
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    try:
+        import torch
+
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    except ImportError:  # pragma: no cover - torch is a dependency; the ONNX runner tests run without it
+        pass
+
+
+@pytest.fixture(scope="session")
+def synth_stas_dir(tmp_path_factory) -> Path:
+    from medstudent.data.synth import synth_stas
+
+    return synth_stas(tmp_path_factory.mktemp("stas"), n=16, seed=1, width=256, height=160, n_unlabeled=4)
+
+
+@pytest.fixture(scope="session")
+def synth_oct_dir(tmp_path_factory) -> Path:
+    from medstudent.data.synth import synth_oct
+
+    return synth_oct(tmp_path_factory.mktemp("oct"), n=24, seed=1, size=96)
