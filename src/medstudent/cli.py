@@ -215,6 +215,192 @@ def synth(
     console.print(f"wrote synthetic {task} data to {path}")
 
 
+# ------------------------------------------------------------------------------------------- training
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="override a config value: a.b=v (repeatable)")
+]
+
+
+@app.command("train")
+@one_line_errors
+def train_cmd(
+    config: Annotated[str, typer.Argument(help="YAML config or preset name (stas_cpu, oct_cpu, ...)")],
+    fold: Annotated[int | None, typer.Option(help="fold of the split to train (default: data.fold)")] = None,
+    split: Annotated[Path | None, typer.Option(help="split JSON from `medstudent data split`")] = None,
+    overrides: SetOpt = None,
+    resume: Annotated[bool, typer.Option(help="continue from the run's last checkpoint")] = False,
+    devices: Annotated[str | None, typer.Option(help="devices per node (Lightning), e.g. 2 or auto")] = None,
+    num_nodes: Annotated[int | None, typer.Option(help="number of nodes (torchrun / SLURM)")] = None,
+    strategy: Annotated[str | None, typer.Option(help="auto, ddp, ...")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Train a model; writes runs/<name>/fold_<k>/ (config, checkpoints, logs, metrics, curves)."""
+    from medstudent.config import load_config
+    from medstudent.training.train import ensemble_members, train
+
+    extra = [f"train.devices={devices}"] if devices else []
+    extra += [f"train.num_nodes={num_nodes}"] if num_nodes else []
+    extra += [f"train.strategy={strategy}"] if strategy else []
+    cfg = load_config(config, [*(overrides or []), *extra])
+    for member in ensemble_members(cfg):
+        run = train(member, fold=fold, split_path=split, resume=resume, progress=not quiet)
+        metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+        console.print(
+            f"[green]done[/] {run}: best {metrics.get('metric')} = {metrics.get('best_val_metric')}"
+            f" after {metrics.get('epochs')} epoch(s), {metrics.get('train_minutes')} min"
+        )
+
+
+@app.command("predict")
+@one_line_errors
+def predict_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="run folders, checkpoints, or run roots (all folds)")],
+    images: Annotated[Path, typer.Option("-i", "--images", help="an image, a folder, or a data set root")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="output folder")],
+    tta: Annotated[str | None, typer.Option(help="none | flip | d4 (default: the run's predict.tta)")] = None,
+    ensemble: Annotated[str | None, typer.Option(help="mean | vote (several models)")] = None,
+    probs: Annotated[bool, typer.Option("--probs", help="also write probability maps")] = False,
+    labelme: Annotated[bool, typer.Option("--labelme", help="also write labelme JSON polygons")] = False,
+    overlays: Annotated[bool, typer.Option(help="write overlay PNGs")] = True,
+    postprocess: Annotated[bool, typer.Option(help="apply the run's (tuned) post-processing")] = True,
+    tile: Annotated[
+        int | None, typer.Option(help="force sliding-window inference with this tile size")
+    ] = None,
+    bf16: Annotated[bool, typer.Option(help="bf16 autocast on CPU")] = False,
+) -> None:
+    """Predict masks (segmentation) or class probabilities (classification) for a folder of images."""
+    from medstudent.inference.folder import collect_images, predict_folder
+    from medstudent.inference.predict import expand_runs, load_predictor, predict_probs
+
+    predictors = [load_predictor(p) for p in expand_runs(runs)]
+    first = predictors[0]
+    tta = tta or first.cfg.predict.tta
+    ensemble = ensemble or first.cfg.predict.ensemble
+    files = collect_images(images)
+    post = first.postprocess if postprocess else None
+    if post is not None and ensemble == "vote":
+        post = post.model_copy(update={"threshold": 0.5, "hysteresis": False})  # strict majority of votes
+    with console.status("predicting") as status:
+        summary = predict_folder(
+            lambda img: predict_probs(
+                predictors, img, tta=tta, ensemble=ensemble, precision="bf16" if bf16 else "32", tile=tile
+            ),
+            first.task,
+            files,
+            out,
+            first.class_names,
+            post=post,
+            save_probs=probs,
+            save_labelme=labelme,
+            save_overlays=overlays,
+            root=images if images.is_dir() else None,
+            on_image=lambda n, total, p: status.update(f"predicting {n + 1}/{total}: {p.name}"),
+        )
+    console.print(
+        f"{summary['predicted']}/{summary['images']} image(s) predicted with {len(predictors)} "
+        f"model(s), TTA {tta}, ensemble {ensemble} -> {out}"
+    )
+    for s in summary["skipped"]:
+        err_console.print(f"[yellow]skipped:[/] {s}", highlight=False, soft_wrap=True)
+    if summary["skipped"]:
+        raise typer.Exit(1)
+
+
+@app.command("evaluate")
+@one_line_errors
+def evaluate_cmd(
+    pred: Annotated[Path, typer.Argument(help="predicted masks folder, or predictions.csv (classification)")],
+    gt: Annotated[
+        Path, typer.Argument(help="ground truth: data set root, labelme folder, mask folder, classes")
+    ],
+    out: Annotated[Path, typer.Option("-o", "--out", help="report folder")],
+) -> None:
+    """Score predictions: Dice/IoU/precision/recall per image, or accuracy/F1/AUC/sensitivity/specificity."""
+    from medstudent.evaluation.evaluate import evaluate_classification, evaluate_segmentation
+
+    is_cls = pred.suffix == ".csv" or (pred / "predictions.csv").is_file()
+    if is_cls:
+        m = evaluate_classification(pred, gt, out)
+        console.print(
+            _kv_table(
+                "classification",
+                {
+                    "images": m["n"],
+                    "accuracy": f"{m['accuracy']:.4f} (95% CI {m['accuracy_ci95'][0]:.3f}-"
+                    f"{m['accuracy_ci95'][1]:.3f})",
+                    "macro F1": f"{m['macro_f1']:.4f}",
+                    "AUC (macro, OvR)": f"{m['auc_macro']:.4f}",
+                },
+            )
+        )
+        t = Table(title="per class", title_justify="left")
+        for c in ("class", "sensitivity", "specificity", "accuracy", "support"):
+            t.add_column(c)
+        for r in m["per_class"]:
+            t.add_row(
+                r["class"],
+                f"{r['sensitivity']:.3f}",
+                f"{r['specificity']:.3f}",
+                f"{r['accuracy']:.3f}",
+                str(r["support"]),
+            )
+        console.print(t)
+    else:
+        s = evaluate_segmentation(pred, gt, out)
+        lo, hi = s["mean_dice_ci95"]
+        console.print(
+            _kv_table(
+                "segmentation",
+                {
+                    "images": s["images"],
+                    "mean Dice": f"{s['mean_dice']:.4f} (95% CI {lo:.3f}-{hi:.3f})",
+                    "pooled Dice": f"{s['pooled_dice']:.4f}",
+                    "mean IoU": f"{s['mean_iou']:.4f}",
+                    "precision / recall": f"{s['mean_precision']:.3f} / {s['mean_recall']:.3f}",
+                },
+            )
+        )
+    console.print(f"report -> {out}")
+
+
+@app.command("tune-postprocess")
+@one_line_errors
+def tune_postprocess_cmd(
+    run: Annotated[Path, typer.Argument(help="a segmentation run folder (runs/<name>/fold_<k>)")],
+    tta: Annotated[str | None, typer.Option(help="TTA for the validation maps (default: the run's)")] = None,
+) -> None:
+    """Grid-search post-processing on the run's validation predictions; writes <run>/postprocess.json."""
+    from medstudent.inference.tune import tune_run
+
+    res = tune_run(run, tta=tta, progress=lambda msg: console.print(msg, highlight=False))
+    console.print(
+        _kv_table(
+            "post-processing",
+            {
+                "validation images": res["images"],
+                "mean Dice, plain 0.5 threshold": f"{res['dice_plain']:.4f}",
+                "mean Dice, tuned": f"{res['dice_tuned']:.4f}",
+                "setting": res["best"],
+                "written": res["path"],
+            },
+        )
+    )
+
+
+@app.command("demo")
+@one_line_errors
+def demo_cmd(
+    task: Annotated[str, typer.Option(help="stas (segmentation) or oct (classification)")] = "stas",
+    out: Annotated[Path, typer.Option("-o", "--out", help="output folder")] = Path("demo_out"),
+    minutes: Annotated[float | None, typer.Option(help="training time budget in minutes")] = None,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+) -> None:
+    """Synthesise data, train the CPU recipe briefly, predict with TTA + post-processing, evaluate, report."""
+    from medstudent.demo import run_demo
+
+    run_demo(task, out, minutes=minutes, seed=seed, console=console)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medstudent.errors import ConfigError
 
@@ -112,6 +112,11 @@ class TrainConfig(Section):
     accelerator: str = "auto"
     threads: int | None = None
     limit_train_batches: int | float | None = None
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_text(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) else v  # YAML and --set read 32 as a number
 
 
 class PostprocessConfig(Section):

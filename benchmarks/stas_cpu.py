@@ -1,0 +1,108 @@
+"""Benchmark: the stas_cpu recipe on ../shared/data/stas (64 images held out), as issue 3 asks.
+
+Trains fold 0 of a split with 64 test images (validation fold for checkpoint choice and post-processing
+tuning), then reports mean Dice on the 64 held-out images with and without TTA and post-processing, training
+minutes, inference seconds per full-size image and peak RAM. Writes bench_out/stas_cpu/result.json.
+
+    .venv/bin/python benchmarks/stas_cpu.py [--minutes 85] [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shutil
+import time
+import warnings
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "stas"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--minutes", type=float, default=85)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench_out" / "stas_cpu")
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    from medstudent.config import load_config
+    from medstudent.data.layouts import open_segmentation
+    from medstudent.data.splits import make_split, save_split
+    from medstudent.evaluation.metrics import mean_dice, pooled_dice
+    from medstudent.inference.postprocess import postprocess
+    from medstudent.inference.predict import load_predictor, predict_seg_probs
+    from medstudent.inference.tune import tune_run
+    from medstudent.training.train import train
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    ds = open_segmentation(DATA)
+    split_path = out / "split.json"
+    if not split_path.is_file():
+        save_split(make_split(ds, test_fraction=64, n_folds=5, seed=0), split_path)
+    cfg = load_config(
+        "stas_cpu",
+        [
+            f"data.root={DATA}",
+            f"data.split={split_path}",
+            f"train.output_dir={out}",
+            f"train.max_minutes={args.minutes}",
+            *args.set,
+        ],
+    )
+    run = out / cfg.train.name / "fold_0"
+    if not (run / "metrics.json").is_file() or args.resume:
+        if run.exists() and not args.resume:
+            shutil.rmtree(run)
+        t0 = time.time()
+        train(cfg, resume=args.resume, progress=False)
+        print(f"trained in {(time.time() - t0) / 60:.1f} min", flush=True)
+    tune = tune_run(run, tta="flip")
+    print(
+        f"post-processing tuned on validation: {tune['dice_plain']:.4f} -> {tune['dice_tuned']:.4f}",
+        flush=True,
+    )
+    pred = load_predictor(run)
+    split = json.loads(split_path.read_text())
+    index = {i: k for k, i in enumerate(ds.ids())}
+    gts, p_none, p_flip, secs = [], [], [], []
+    for tid in split["test"]:
+        img, gt = ds.load(index[tid])
+        gts.append(gt > 0)
+        t = time.perf_counter()
+        p_none.append(predict_seg_probs(pred, img, "none", precision="bf16"))
+        secs.append(time.perf_counter() - t)
+        p_flip.append(predict_seg_probs(pred, img, "flip", precision="bf16"))
+    res = {
+        "date": str(date.today()),
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+        "data": f"{DATA} (fold 0 of a 5-fold split of 256 train, 64 held out)",
+        "train": json.loads((run / "metrics.json").read_text()),
+        "tuned_postprocess": tune["best"],
+        "val_dice_plain": tune["dice_plain"],
+        "val_dice_tuned": tune["dice_tuned"],
+        "test_mean_dice": {
+            "no TTA, threshold 0.5": mean_dice([p > 0.5 for p in p_none], gts),
+            "flip TTA, threshold 0.5": mean_dice([p > 0.5 for p in p_flip], gts),
+            "no TTA + post-processing": mean_dice([postprocess(p, pred.postprocess) for p in p_none], gts),
+            "flip TTA + post-processing": mean_dice([postprocess(p, pred.postprocess) for p in p_flip], gts),
+        },
+        "test_pooled_dice_flip_post": pooled_dice([postprocess(p, pred.postprocess) for p in p_flip], gts),
+        "inference_s_per_image_no_tta_bf16": float(np.mean(secs)),
+        "peak_ram_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "config": cfg.model_dump(mode="json"),
+    }
+    (out / "result.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if k != "config"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

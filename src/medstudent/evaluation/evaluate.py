@@ -1,0 +1,166 @@
+"""`medstudent evaluate`: score predictions against ground truth and write the report files.
+
+Segmentation: per-image Dice/IoU/precision/recall CSV, summary JSON (mean Dice over images with
+empty/empty = 1, as the competition scored; pixel-pooled Dice; bootstrap 95% CI) and a worst-10 gallery.
+Classification: accuracy, macro-F1, one-vs-rest AUC, per-class sensitivity/specificity/accuracy, bootstrap
+CIs, confusion matrices and a gallery of the most confidently wrong images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medstudent.data.io import IMAGE_EXTS, list_images, read_image, read_mask
+from medstudent.data.labelme import labelme_to_mask
+from medstudent.data.layouts import ClassificationDataset, SegmentationDataset, detect_layout, open_dataset
+from medstudent.errors import DataError
+from medstudent.evaluation.metrics import bootstrap_ci, classification_metrics, pooled_dice, seg_scores
+
+
+def _pred_masks(pred: Path) -> dict[str, Path]:
+    folder = pred / "masks" if (pred / "masks").is_dir() else pred
+    masks = {p.stem: p for p in list_images(folder)}
+    if not masks:
+        raise DataError(pred, "contains no predicted mask images")
+    return masks
+
+
+def _gt_loaders(gt: Path) -> tuple[dict, dict]:
+    """stem -> callable returning the GT mask, and stem -> image path (for galleries) where known."""
+    gt = Path(gt)
+    layout = None
+    with contextlib.suppress(DataError):  # not a data set root: a bare folder of JSON or masks
+        layout = detect_layout(gt)
+    if layout in ("labelme", "masks") and not list(gt.glob("*.json")):
+        ds = open_dataset(gt, empty_if_missing=False)
+        assert isinstance(ds, SegmentationDataset)
+        loaders, images = {}, {}
+        for i, it in enumerate(ds.items):
+            stem = Path(it.id).name
+            loaders[stem] = lambda i=i: ds.load(i)[1]
+            images[stem] = it.image
+        return loaders, images
+    jsons = sorted(gt.glob("*.json"))
+    if jsons:  # a bare folder of labelme files: sizes come from imageWidth/imageHeight
+        return {p.stem: (lambda p=p: labelme_to_mask(p)) for p in jsons}, {}
+    masks = [p for p in gt.iterdir() if p.suffix.lower() in IMAGE_EXTS] if gt.is_dir() else []
+    if not masks:
+        raise DataError(gt, "is neither a segmentation data set, a folder of labelme JSON, nor of masks")
+    return {p.stem: (lambda p=p: read_mask(p)) for p in masks}, {}
+
+
+def evaluate_segmentation(
+    pred: str | Path, gt: str | Path, out: str | Path, n_worst: int = 10, seed: int = 0
+) -> dict:
+    pred, out = Path(pred), Path(out)
+    preds = _pred_masks(pred)
+    loaders, images = _gt_loaders(Path(gt))
+    missing = sorted(set(loaders) - set(preds))
+    if missing:
+        raise DataError(
+            pred, f"has no prediction for {len(missing)} ground-truth image(s), e.g. {missing[0]}"
+        )
+    rows, pm, gm = [], [], []
+    for stem in sorted(loaders):
+        g = loaders[stem]() > 0
+        p = read_mask(preds[stem]) > 0
+        if p.shape != g.shape:
+            raise DataError(
+                preds[stem],
+                f"prediction is {p.shape[1]}x{p.shape[0]}, ground truth {g.shape[1]}x{g.shape[0]}",
+            )
+        s = seg_scores(p, g)
+        rows.append({"id": stem, **s})
+        pm.append(p)
+        gm.append(g)
+    df = pd.DataFrame(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "per_image.csv", index=False)
+    dice = df["dice"].to_numpy(float)
+    summary = {
+        "images": len(df),
+        "mean_dice": float(dice.mean()),
+        "mean_dice_ci95": list(bootstrap_ci(dice, np.mean, 2000, 0.05, seed)),
+        "pooled_dice": float(pooled_dice(pm, gm)),
+        "mean_iou": float(df["iou"].mean()),
+        "mean_precision": float(df["precision"].mean()),
+        "mean_recall": float(df["recall"].mean()),
+        "empty_gt_images": int((df["gt_px"] == 0).sum()),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    worst = df.nsmallest(n_worst, "dice")
+    gallery = []
+    for _, r in worst.iterrows():
+        k = sorted(loaders).index(r["id"])
+        img_path = images.get(r["id"])
+        image = (
+            read_image(img_path) if img_path is not None else np.stack([gm[k] * 255] * 3, -1).astype(np.uint8)
+        )
+        gallery.append({"id": r["id"], "image": image, "gt": gm[k], "pred": pm[k], "dice": float(r["dice"])})
+    if gallery:
+        from medstudent.evaluation.report import seg_gallery_png
+
+        seg_gallery_png(
+            gallery, out / "worst.png", f"worst {len(gallery)} by Dice (green: truth, red: predicted)"
+        )
+    return summary
+
+
+def evaluate_classification(
+    pred: str | Path, gt: str | Path, out: str | Path, n_gallery: int = 12, seed: int = 0
+) -> dict:
+    """pred: predictions.csv (or the folder holding it) from `medstudent predict`; gt: class folders."""
+    pred, out = Path(pred), Path(out)
+    csv_path = pred / "predictions.csv" if pred.is_dir() else pred
+    if not csv_path.is_file():
+        raise DataError(csv_path, "prediction CSV not found")
+    df = pd.read_csv(csv_path)
+    ds = open_dataset(gt)
+    if not isinstance(ds, ClassificationDataset):
+        raise DataError(gt, "is not a classification folder ([train|val|test/]<CLASS>/images)")
+    cols = [f"p_{c}" for c in ds.class_names]
+    if missing := [c for c in cols if c not in df.columns]:
+        raise DataError(csv_path, f"lacks probability column(s) {missing} for the ground truth's classes")
+    by_path = {str(Path(it.image).resolve()): it for it in ds.items}
+    by_name = {Path(it.image).name: it for it in ds.items}
+    y, probs, paths = [], [], []
+    for _, r in df.iterrows():
+        it = by_path.get(str(Path(r["path"]).resolve())) or by_name.get(Path(r["path"]).name)
+        if it is None:
+            continue
+        y.append(it.label)
+        probs.append(r[cols].to_numpy(float))
+        paths.append(it.image)
+    if not y:
+        raise DataError(csv_path, f"none of its images are in {gt}")
+    y_arr, p_arr = np.array(y), np.stack(probs)
+    m = classification_metrics(y_arr, p_arr, ds.class_names, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(m, indent=1))
+    pd.DataFrame(m["per_class"]).to_csv(out / "per_class.csv", index=False)
+    from medstudent.evaluation.report import cls_gallery_png, confusion_matrix_png
+
+    cm = np.array(m["confusion_matrix"])
+    confusion_matrix_png(cm, ds.class_names, out / "confusion_matrix.png", normalize=False)
+    confusion_matrix_png(cm, ds.class_names, out / "confusion_matrix_normalized.png", normalize=True)
+    pred_cls = p_arr.argmax(1)
+    wrong = np.flatnonzero(pred_cls != y_arr)
+    wrong = wrong[np.argsort(-p_arr[wrong].max(1))][:n_gallery]
+    items = [
+        {
+            "id": Path(paths[i]).name,
+            "image": read_image(paths[i]),
+            "true": ds.class_names[y_arr[i]],
+            "pred": ds.class_names[pred_cls[i]],
+            "confidence": float(p_arr[i].max()),
+        }
+        for i in wrong
+    ]
+    if items:
+        cls_gallery_png(items, out / "confidently_wrong.png", "most confidently wrong")
+    return m

@@ -1,0 +1,256 @@
+"""Report figures: confusion matrices, worst-case galleries, overlays and training curves.
+
+Figures are built on `matplotlib.figure.Figure` directly (Agg canvas), never through pyplot's global state,
+so this works headless, in threads, and without a display backend. Gallery tiles are downscaled to at most
+`TILE_PX` pixels wide before plotting, which keeps PNGs of 1716x942 images small.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+from scipy.ndimage import binary_dilation
+from skimage.segmentation import find_boundaries
+from sklearn.metrics import ConfusionMatrixDisplay
+
+from medstudent.errors import DataError
+
+TILE_PX = 480  # gallery tile width in pixels (<= 600 as asked for reports)
+_DPI = 100
+GT_COLOR = (0, 255, 0)
+PRED_COLOR = (255, 0, 255)
+
+
+def _new_figure(width_in: float, height_in: float, layout: str | None = None) -> Figure:
+    fig = Figure(figsize=(width_in, height_in), dpi=_DPI, layout=layout)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=_DPI)
+    return path
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    """HxW, HxWx1, HxWx3 or HxWx4 (uint8 or float in [0, 1]) -> HxWx3 uint8."""
+    img = np.asarray(image)
+    if img.dtype != np.uint8:
+        scale = 255.0 if img.size and float(np.nanmax(img)) <= 1.0 else 1.0
+        img = np.clip(np.nan_to_num(img.astype(float)) * scale, 0, 255).astype(np.uint8)
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    elif img.ndim == 3 and img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
+    elif img.ndim == 3 and img.shape[2] == 4:
+        img = img[:, :, :3]
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise DataError(None, f"image must be HxW or HxWx3, got shape {np.asarray(image).shape}")
+    return img
+
+
+def _mask_for(mask: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
+    m = np.asarray(mask)
+    if m.ndim == 3 and m.shape[2] == 1:
+        m = m[:, :, 0]
+    if m.shape != tuple(shape[:2]):
+        raise DataError(None, f"{what} shape {m.shape} does not match image {tuple(shape[:2])}")
+    return m > 0
+
+
+def overlay(
+    image: np.ndarray,
+    mask: np.ndarray,
+    color: tuple[int, int, int] = (255, 0, 255),
+    alpha: float = 0.4,
+    contour: bool = True,
+) -> np.ndarray:
+    """Image with the mask tinted in `color` (alpha blend) and, optionally, its outline drawn opaque.
+
+    The outline is 2 px thick (`find_boundaries(mode="thick")`) and thicker for images over 1200 px, so it
+    stays visible when the PNG is viewed scaled down. Returns HxWx3 uint8.
+    """
+    img = _rgb(image)
+    m = _mask_for(mask, img.shape, "mask")
+    out = img.astype(np.float32)
+    col = np.asarray(color, dtype=np.float32)
+    if alpha > 0:
+        out[m] = (1 - alpha) * out[m] + alpha * col
+    if contour and m.any():
+        edge = find_boundaries(m, mode="thick")
+        extra = max(img.shape[:2]) // 1200
+        if extra:
+            edge = binary_dilation(edge, iterations=extra)
+        out[edge] = col
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _downscale(img: np.ndarray, masks: list[np.ndarray], width: int = TILE_PX) -> tuple[np.ndarray, list]:
+    h, w = img.shape[:2]
+    if w <= width:
+        return img, masks
+    size = (width, max(1, round(h * width / w)))
+    small = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BILINEAR))
+    return small, [
+        np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 0
+        for m in masks
+    ]
+
+
+def _grid(n: int, aspect: float, title: str, max_cols: int = 5) -> tuple[Figure, list]:
+    """Figure with n tiles (at least one, to say "no items"), tiles TILE_PX wide."""
+    n = max(n, 1)
+    cols = min(max_cols, n)
+    rows = math.ceil(n / cols)
+    tile_w = TILE_PX / _DPI
+    fig = _new_figure(cols * tile_w, rows * (tile_w * aspect + 0.45) + 0.5, layout="constrained")
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(rows * cols)]
+    for ax in axes:
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=11)
+    return fig, axes
+
+
+def _aspect(items: list[dict]) -> float:
+    shapes = [np.asarray(it["image"]).shape[:2] for it in items]
+    return max((h / w for h, w in shapes if w), default=1.0)
+
+
+def seg_gallery_png(items: list[dict[str, Any]], path: str | Path, title: str) -> Path:
+    """Tiles of images with ground truth (green) and prediction (magenta) outlines, titled "id  Dice".
+
+    `items`: dicts with "id", "image" (HxWx3 uint8), "gt", "pred" (masks) and "dice"; shown in the given
+    order (pass them worst first for a worst-10 gallery).
+    """
+    fig, axes = _grid(len(items), _aspect(items), f"{title}\ngreen: ground truth, magenta: prediction")
+    if not items:
+        axes[0].text(0.5, 0.5, "no items", ha="center", va="center")
+    for ax, it in zip(axes, items, strict=False):
+        img = _rgb(it["image"])
+        gt = _mask_for(it["gt"], img.shape, f"gt of {it['id']}")
+        pred = _mask_for(it["pred"], img.shape, f"pred of {it['id']}")
+        small, (gt_s, pred_s) = _downscale(img, [gt, pred])
+        shown = overlay(overlay(small, gt_s, GT_COLOR, alpha=0.0), pred_s, PRED_COLOR, alpha=0.0)
+        ax.imshow(shown)
+        ax.set_title(f"{it['id']}  Dice {float(it['dice']):.3f}", fontsize=9)
+    return _save(fig, path)
+
+
+def cls_gallery_png(items: list[dict[str, Any]], path: str | Path, title: str) -> Path:
+    """Tiles of (mis)classified images titled with id, true and predicted class and confidence.
+
+    `items`: dicts with "id", "image", "true", "pred" (class names) and "confidence" (the predicted class's
+    probability); pass the most confidently wrong first. Wrong predictions get a red title.
+    """
+    fig, axes = _grid(len(items), _aspect(items), title)
+    if not items:
+        axes[0].text(0.5, 0.5, "no items", ha="center", va="center")
+    for ax, it in zip(axes, items, strict=False):
+        small, _ = _downscale(_rgb(it["image"]), [])
+        ax.imshow(small)
+        wrong = str(it["true"]) != str(it["pred"])
+        ax.set_title(
+            f"{it['id']}\ntrue {it['true']} -> {it['pred']} ({float(it['confidence']):.2f})",
+            fontsize=9,
+            color="red" if wrong else "black",
+        )
+    return _save(fig, path)
+
+
+def confusion_matrix_png(cm: np.ndarray, class_names: list[str], path: str | Path, normalize: bool) -> Path:
+    """One confusion matrix per file (rows: true class, columns: predicted class).
+
+    normalize=False: colours and numbers are counts. normalize=True: colours are row-normalised fractions
+    (per-class recall on the diagonal) and each cell reads "fraction (count)", so one file shows both;
+    call it twice for two files. Uses sklearn's `ConfusionMatrixDisplay` for the layout.
+    """
+    cm = np.asarray(cm)
+    k = len(class_names)
+    if cm.shape != (k, k):
+        raise DataError(None, f"confusion matrix shape {cm.shape} does not match {k} class names")
+    counts = cm.astype(int) if np.allclose(cm, np.round(cm)) else cm
+    if normalize:
+        rows = cm.sum(axis=1, keepdims=True).astype(float)
+        values = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
+    else:
+        values = counts
+    side = max(4.0, 1.0 + 0.9 * k)
+    fig = _new_figure(side + 1.2, side)
+    ax = fig.add_subplot(1, 1, 1)
+    disp = ConfusionMatrixDisplay(values, display_labels=list(class_names))
+    disp.plot(
+        ax=ax, cmap="Blues", values_format=".2f" if normalize else "d", colorbar=True, xticks_rotation=45
+    )
+    if normalize:
+        disp.im_.set_clim(0, 1)
+        for (i, j), text in np.ndenumerate(disp.text_):
+            text.set_text(f"{values[i, j]:.2f}\n({counts[i, j]})")
+    ax.set_title("row-normalised (count)" if normalize else "counts")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _epoch_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per epoch: Lightning logs step rows and epoch rows with NaN elsewhere; average per epoch."""
+    num = df.apply(pd.to_numeric, errors="coerce")
+    per_epoch = num.drop(columns=[c for c in ("step",) if c in num]).groupby("epoch").mean()
+    # Prefer Lightning's on-epoch aggregate ("x_epoch") over the per-step series ("x_step") of one metric.
+    drop = [c for c in per_epoch if c.endswith("_step") and f"{c[:-5]}_epoch" in per_epoch]
+    return per_epoch.drop(columns=drop).dropna(axis=1, how="all")
+
+
+def training_curves_png(metrics_csv: str | Path, path: str | Path) -> Path:
+    """Loss, metrics and learning rate per epoch from a Lightning CSVLogger `metrics.csv`.
+
+    Step rows are averaged per epoch; a metric logged both per step and per epoch is shown once (the epoch
+    value). Panels: losses, other metrics, learning rate (log scale), whichever were logged. A log with
+    no metric yet gives a figure that says so; a missing file or one without an `epoch` column is a DataError.
+    """
+    metrics_csv = Path(metrics_csv)
+    try:
+        df = pd.read_csv(metrics_csv)
+    except FileNotFoundError as e:
+        raise DataError(metrics_csv, "file not found") from e
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(metrics_csv, f"not a readable CSV ({type(e).__name__}: {e})") from e
+    if "epoch" not in df:
+        raise DataError(metrics_csv, f"no 'epoch' column (columns: {', '.join(map(str, df.columns))})")
+    table = _epoch_table(df)
+    if table.empty:  # e.g. stopped before the first logged step: say so rather than fail the run
+        fig = _new_figure(5.0, 3.8)
+        fig.text(0.5, 0.5, f"{metrics_csv}:\nno metric logged yet", ha="center", va="center", fontsize=9)
+        return _save(fig, path)
+
+    def is_lr(c: str) -> bool:
+        return c == "lr" or c.startswith(("lr-", "lr_", "lr/"))
+
+    groups = {
+        "loss": [c for c in table if "loss" in c and not is_lr(c)],
+        "metric": [c for c in table if "loss" not in c and not is_lr(c)],
+        "learning rate": [c for c in table if is_lr(c)],
+    }
+    groups = {k: v for k, v in groups.items() if v}
+    fig = _new_figure(5.0 * len(groups), 3.8)
+    for i, (name, cols) in enumerate(groups.items()):
+        ax = fig.add_subplot(1, len(groups), i + 1)
+        for c in cols:
+            s = table[c].dropna()
+            ax.plot(s.index, s.to_numpy(), marker="o", markersize=3, label=c)
+        if name == "learning rate" and np.nanmin(table[cols].to_numpy()) > 0:
+            ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("/".join(metrics_csv.parts[-3:-1]) or metrics_csv.name, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,1 @@
+"""Inference: load runs, predict with TTA / sliding window / ensembles, post-process, write outputs."""

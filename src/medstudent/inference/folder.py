@@ -1,0 +1,111 @@
+"""Predict a whole folder and write what users open next: competition-format masks (PNG 0/255 at the original
+size), optional probability maps, labelme JSON of the predicted objects (to correct in labelme), overlays;
+for classification a CSV of per-class probabilities. One bad image is reported and skipped, never fatal."""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from medstudent.data.io import list_images, read_image, write_mask_png
+from medstudent.data.labelme import mask_to_labelme, write_labelme
+from medstudent.errors import DataError
+from medstudent.inference.postprocess import postprocess
+
+
+def collect_images(source: str | Path) -> list[Path]:
+    """A single image, a flat folder, or a data set root (its image folder / class folders)."""
+    source = Path(source)
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        raise DataError(source, "no such image or folder")
+    imgs = list_images(source)
+    if imgs:
+        return imgs
+    from medstudent.data.layouts import IMAGE_DIRS, UNLABELED_DIRS
+
+    for name in (*IMAGE_DIRS, *UNLABELED_DIRS):
+        if (source / name).is_dir():
+            return list_images(source / name)
+    nested = sorted(
+        p
+        for p in source.rglob("*")
+        if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+    )
+    if not nested:
+        raise DataError(source, "contains no images")
+    return nested
+
+
+def predict_folder(
+    predict: Callable[[np.ndarray], np.ndarray],
+    task: str,
+    images: list[Path],
+    out: str | Path,
+    class_names: list[str],
+    post=None,
+    save_probs: bool = False,
+    save_labelme: bool = False,
+    save_overlays: bool = True,
+    root: Path | None = None,  # classification ids are paths relative to this
+    on_image: Callable[[int, int, Path], None] | None = None,
+) -> dict:
+    """Run `predict(image) -> probs` over images and write outputs under `out`. Returns a summary with the
+    skipped files (path: reason)."""
+    from medstudent.evaluation.report import overlay
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    skipped: list[str] = []
+    rows: list[dict] = []
+    for n, path in enumerate(images):
+        if on_image:
+            on_image(n, len(images), path)
+        try:
+            img = read_image(path)
+            probs = predict(img)
+        except DataError as e:
+            skipped.append(str(e))
+            warnings.warn(f"skipped: {e}", stacklevel=2)
+            continue
+        stem = path.stem
+        if task == "segmentation":
+            if probs.ndim == 2:
+                mask = postprocess(probs, post) if post is not None else (probs > 0.5).astype(np.uint8)
+            else:
+                mask = probs.argmax(0).astype(np.uint8)
+            write_mask_png(out / "masks" / f"{stem}.png", mask)
+            if save_probs:
+                (out / "probs").mkdir(exist_ok=True)
+                p8 = np.clip(np.round((probs if probs.ndim == 2 else probs.max(0)) * 255), 0, 255)
+                Image.fromarray(p8.astype(np.uint8)).save(out / "probs" / f"{stem}.png")
+            if save_labelme:
+                names = dict(enumerate(class_names))
+                doc = mask_to_labelme(mask, path, class_names=names, tolerance=1.0)
+                doc["imagePath"] = os.path.relpath(path.resolve(), (out / "labelme").resolve())
+                write_labelme(out / "labelme" / f"{stem}.json", doc)
+            if save_overlays:
+                (out / "overlays").mkdir(exist_ok=True)
+                Image.fromarray(overlay(img, mask)).save(out / "overlays" / f"{stem}.png")
+            rows.append({"id": stem, "foreground_px": int((mask > 0).sum())})
+        else:
+            row = {"id": str(path.relative_to(root)) if root else path.name, "path": str(path)}
+            row.update({f"p_{c}": float(p) for c, p in zip(class_names, probs, strict=True)})
+            row["predicted"] = class_names[int(np.argmax(probs))]
+            row["confidence"] = float(np.max(probs))
+            rows.append(row)
+    if task == "classification" and rows:
+        with open(out / "predictions.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    if skipped:
+        (out / "skipped.txt").write_text("\n".join(skipped) + "\n")
+    return {"images": len(images), "predicted": len(rows), "skipped": skipped}

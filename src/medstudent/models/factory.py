@@ -1,0 +1,272 @@
+"""The one model factory: smp segmentation models over any timm encoder, or timm classifiers.
+
+Output convention for segmentation (see `seg_out_channels`): binary tasks (num_classes == 2, background +
+foreground) get ONE logit channel, read with a sigmoid; tasks with more classes get num_classes channels,
+read with a softmax. Logits are at input resolution; H and W must be multiples of 32 (PAN: at least 128).
+Classifiers always have num_classes logits.
+
+Nothing is downloaded unless `pretrained` asks for the hub (see `medstudent.models.pretrained`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import segmentation_models_pytorch as smp
+import timm
+from torch import nn
+
+from medstudent.config import ModelConfig
+from medstudent.errors import ConfigError
+from medstudent.models.deep_supervision import DeepSupervisionModel, HeadDropout
+from medstudent.models.pretrained import (
+    BUNDLED,
+    PretrainedSpec,
+    load_state_dict_into,
+    parse_pretrained,
+    pretrained_state_dict,
+    read_state_dict,
+)
+
+SEG_ARCHS: dict[str, type[nn.Module]] = {
+    "unet": smp.Unet,
+    "unetplusplus": smp.UnetPlusPlus,
+    "deeplabv3plus": smp.DeepLabV3Plus,
+    "fpn": smp.FPN,
+    "pan": smp.PAN,
+}
+DECODER_ACTIVATIONS: dict[str, type[nn.Module] | None] = {"relu": None, "mish": nn.Mish}
+_OFFLINE_HINT = f"offline? use a local weights file or '{BUNDLED}'"
+
+
+def seg_out_channels(num_classes: int) -> int:
+    """Logit channels of a segmentation model: 1 for binary (sigmoid), else num_classes (softmax)."""
+    if num_classes < 2:
+        raise ConfigError(None, f"num_classes must be >= 2 (background + foreground), got {num_classes}")
+    return 1 if num_classes == 2 else num_classes
+
+
+def resolve_encoder(encoder: str) -> tuple[str, str]:
+    """("timm", name) for a timm model ("tu-" prefix optional), ("smp", name) for smp's native encoders.
+
+    timm wins when both know a name (resnet18): its weights are the ones the pretrained registry can load.
+    """
+    name = encoder.strip()
+    bare = name[3:] if name.startswith("tu-") else name
+    if timm.is_model(bare):
+        return "timm", bare
+    if not name.startswith("tu-") and name in smp.encoders.get_encoder_names():
+        return "smp", name
+    raise ConfigError(None, f"model.encoder: unknown timm encoder '{bare}' (see timm.list_models())")
+
+
+def create_model(
+    arch: str,
+    *,
+    num_classes: int,
+    encoder: str = "efficientnet_lite0",
+    pretrained: str | None = None,
+    in_channels: int = 3,
+    dropout: float = 0.0,
+    drop_path_rate: float = 0.0,
+    decoder_activation: str = "relu",
+    deep_supervision: bool = False,
+) -> nn.Module:
+    """Build a segmentation model (`arch` in SEG_ARCHS) or a timm classifier (any other timm name).
+
+    Segmentation: smp `arch` over the timm encoder `encoder`; output (B, seg_out_channels(num_classes), H, W)
+    logits — ONE channel for binary (num_classes == 2, sigmoid), num_classes channels otherwise (softmax).
+    `dropout` is spatial dropout before the segmentation head (FPN: smp's own decoder dropout),
+    `drop_path_rate` is the timm encoder's stochastic depth, `decoder_activation` "mish" swaps the decoder's
+    ReLUs for Mish, `deep_supervision` (unet, unetplusplus) wraps the model in `DeepSupervisionModel`.
+
+    Classification: `timm.create_model(arch, num_classes, in_chans, drop_rate=dropout, drop_path_rate)`.
+
+    The model carries `task` ("segmentation" / "classification") and `num_classes`.
+    """
+    key = arch.strip().lower()
+    if decoder_activation not in DECODER_ACTIVATIONS:
+        raise ConfigError(
+            None,
+            f"model.decoder_activation: unknown '{decoder_activation}' "
+            f"(one of {', '.join(DECODER_ACTIVATIONS)})",
+        )
+    common: dict[str, Any] = {
+        "num_classes": num_classes,
+        "pretrained": pretrained,
+        "in_channels": in_channels,
+        "dropout": dropout,
+        "drop_path_rate": drop_path_rate,
+        "decoder_activation": decoder_activation,
+        "deep_supervision": deep_supervision,
+    }
+    if key in SEG_ARCHS:
+        model = _create_segmentation(key, encoder=encoder, **common)
+        model.task = "segmentation"
+    else:
+        model = _create_classifier(arch.strip(), **common)
+        model.task = "classification"
+    model.num_classes = num_classes
+    return model
+
+
+def model_from_config(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """`create_model` from the `model:` section of a run config."""
+    return create_model(
+        cfg.arch,
+        num_classes=num_classes,
+        encoder=cfg.encoder,
+        pretrained=cfg.pretrained,
+        in_channels=cfg.in_channels,
+        dropout=cfg.dropout,
+        drop_path_rate=cfg.drop_path_rate,
+        decoder_activation=cfg.decoder_activation,
+        deep_supervision=cfg.deep_supervision,
+    )
+
+
+def _build(fn: Any, spec: PretrainedSpec, what: str, **kwargs: Any) -> nn.Module:
+    """Call a constructor, turning its failures into one-line ConfigErrors (hub: most likely offline)."""
+    try:
+        return fn(**kwargs)
+    except ConfigError:
+        raise
+    except Exception as e:  # timm/smp/hub raise many unrelated types; the message is what the user needs
+        reason = f"{type(e).__name__}: {e}"[:300]
+        if spec.kind == "hub":
+            raise ConfigError(
+                None, f"model.pretrained: could not get hub weights for {what} ({reason}); {_OFFLINE_HINT}"
+            ) from e
+        raise ConfigError(None, f"model: cannot build {what} ({reason})") from e
+
+
+def _create_segmentation(
+    arch: str,
+    *,
+    num_classes: int,
+    encoder: str,
+    pretrained: str | None,
+    in_channels: int,
+    dropout: float,
+    drop_path_rate: float,
+    decoder_activation: str,
+    deep_supervision: bool,
+) -> nn.Module:
+    cls = SEG_ARCHS[arch]
+    out_channels = seg_out_channels(num_classes)
+    if deep_supervision and arch not in ("unet", "unetplusplus"):
+        raise ConfigError(None, f"model.deep_supervision: only for unet and unetplusplus, not {arch}")
+    source, enc_name = resolve_encoder(encoder)
+    kwargs: dict[str, Any] = {"in_channels": in_channels, "classes": out_channels}
+    if arch == "fpn":
+        kwargs["decoder_dropout"] = dropout  # smp's FPN has its own Dropout2d before the head (default 0.2)
+    what = f"{arch} with encoder '{enc_name}'"
+    spec = parse_pretrained(pretrained)
+    if source == "timm":
+        sd = pretrained_state_dict(spec, enc_name)  # read (and checked) before the model is built
+        kwargs.update(encoder_name=f"tu-{enc_name}", encoder_weights=True if spec.kind == "hub" else None)
+        if drop_path_rate > 0:
+            kwargs["drop_path_rate"] = drop_path_rate  # smp passes extra kwargs on to timm.create_model
+        model = _build(cls, spec, what, **kwargs)
+        if sd is not None:
+            load_state_dict_into(model.encoder.model, sd, enc_name, spec.origin)
+    else:
+        model = _create_smp_native(cls, enc_name, spec, drop_path_rate, what, kwargs)
+    if dropout > 0 and arch != "fpn":
+        model.segmentation_head = HeadDropout(model.segmentation_head, dropout)
+    _set_decoder_activation(model, arch, decoder_activation)
+    if deep_supervision:
+        model = DeepSupervisionModel(model, out_channels, dropout)
+    return model
+
+
+def _create_smp_native(
+    cls: type[nn.Module],
+    enc_name: str,
+    spec: PretrainedSpec,
+    drop_path_rate: float,
+    what: str,
+    kwargs: dict[str, Any],
+) -> nn.Module:
+    """smp's own (non-timm) encoders, e.g. "efficientnet-b3" or "mit_b0": smp's weights or a local file."""
+    if drop_path_rate > 0:
+        raise ConfigError(None, f"model.drop_path_rate: needs a timm encoder, smp's '{enc_name}' ignores it")
+    if spec.kind == "bundled":
+        raise ConfigError(
+            None, f"model.pretrained: '{BUNDLED}' only fits efficientnet_lite0, not '{enc_name}'"
+        )
+    weights = "imagenet" if spec.kind == "hub" else None
+    model = _build(cls, spec, what, encoder_name=enc_name, encoder_weights=weights, **kwargs)
+    if spec.kind == "file":
+        assert spec.path is not None
+        sd = {
+            k.removeprefix("encoder."): v
+            for k, v in read_state_dict(spec.path).items()
+            if not k.startswith(("decoder.", "segmentation_head.", "classification_head."))
+        }
+        try:
+            model.encoder.load_state_dict(sd)
+        except RuntimeError as e:
+            raise ConfigError(
+                spec.path, f"model.pretrained: weights do not fit smp encoder '{enc_name}' ({str(e)[:300]})"
+            ) from e
+    return model
+
+
+def _set_decoder_activation(model: nn.Module, arch: str, activation: str) -> None:
+    """smp 0.6 hard-codes nn.ReLU in every decoder: swap those modules (decoder only, the encoder keeps the
+    activation its weights were trained with). Parameter-free, so checkpoints stay compatible."""
+    new = DECODER_ACTIVATIONS[activation]
+    if new is None:
+        return
+    replaced = 0
+    for parent in model.decoder.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.ReLU):
+                setattr(parent, name, new())
+                replaced += 1
+    if not replaced:
+        raise ConfigError(
+            None, f"model.decoder_activation: the {arch} decoder has no ReLU to replace by {activation}"
+        )
+
+
+def _create_classifier(
+    arch: str,
+    *,
+    num_classes: int,
+    pretrained: str | None,
+    in_channels: int,
+    dropout: float,
+    drop_path_rate: float,
+    decoder_activation: str,
+    deep_supervision: bool,
+) -> nn.Module:
+    name = arch[3:] if arch.startswith("tu-") else arch
+    if not timm.is_model(name):
+        raise ConfigError(
+            None,
+            f"model.arch: unknown architecture '{arch}' (segmentation: {', '.join(SEG_ARCHS)}; "
+            "or a timm classifier, see timm.list_models())",
+        )
+    if deep_supervision:
+        raise ConfigError(
+            None, f"model.deep_supervision: only for segmentation (unet, unetplusplus), not '{arch}'"
+        )
+    if decoder_activation != "relu":
+        raise ConfigError(None, f"model.decoder_activation: only for segmentation archs, not '{arch}'")
+    spec = parse_pretrained(pretrained)
+    sd = pretrained_state_dict(spec, name)
+    kwargs: dict[str, Any] = {
+        "num_classes": num_classes,
+        "in_chans": in_channels,
+        "pretrained": spec.kind == "hub",
+    }
+    if dropout > 0:
+        kwargs["drop_rate"] = dropout
+    if drop_path_rate > 0:
+        kwargs["drop_path_rate"] = drop_path_rate
+    model = _build(timm.create_model, spec, f"timm '{name}'", model_name=name, **kwargs)
+    if sd is not None:
+        load_state_dict_into(model, sd, name, spec.origin)
+    return model

@@ -1,0 +1,1 @@
+"""Training: one Lightning module and one `train` entry for segmentation and classification."""

@@ -1,0 +1,132 @@
+"""One LightningModule for both tasks: the model, its loss, optimiser, schedule and validation metric.
+
+The validation metric is logged as `val_metric` (mean Dice over images for segmentation, with empty/empty = 1
+as the STAS competition scored; accuracy for classification) so checkpointing and early stopping do not care
+which task they serve.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medstudent.config import RunConfig
+from medstudent.data.preprocess import scaled_size
+from medstudent.models import model_from_config, seg_out_channels
+from medstudent.training.losses import ClassificationLoss, DeepSupervisionLoss, SegmentationLoss
+from medstudent.training.optim import build_optimizer, build_scheduler
+
+
+def dice_per_image(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Binary Dice per image for (B, H, W) 0/1 tensors; 1.0 where both are empty."""
+    inter = (pred & gt).flatten(1).sum(1).float()
+    total = pred.flatten(1).sum(1).float() + gt.flatten(1).sum(1).float()
+    return torch.where(total == 0, torch.ones_like(total), 2 * inter / total.clamp_min(1))
+
+
+class TaskModule(L.LightningModule):
+    def __init__(
+        self,
+        config: dict,
+        num_classes: int,
+        class_names: list[str],
+        class_weights: list[float] | None = None,
+        steps_per_epoch: int = 1,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = RunConfig.model_validate(config)
+        self.task = self.cfg.data.task
+        self.num_classes = num_classes
+        self.class_names = class_names
+        self.model = model_from_config(self.cfg.model, num_classes)
+        if self.task == "segmentation":
+            self.out_channels = seg_out_channels(num_classes)
+            self.criterion = DeepSupervisionLoss(
+                SegmentationLoss(self.cfg.loss, self.out_channels), self.cfg.loss.deep_supervision_weights
+            )
+        else:
+            w = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+            self.criterion = ClassificationLoss(self.cfg.loss, w)
+        self.steps_per_epoch = steps_per_epoch
+        self._val: list = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities: sigmoid of the single binary channel, softmax otherwise."""
+        if self.task == "segmentation" and self.out_channels == 1:
+            return torch.sigmoid(logits.float())
+        return torch.softmax(logits.float(), dim=1)
+
+    @property
+    def progress(self) -> float:
+        if self.trainer is None or not self.trainer.max_epochs:
+            return 0.0
+        return float(self.current_epoch) / float(self.trainer.max_epochs)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self.model(batch["image"])
+        if self.task == "segmentation":
+            loss = self.criterion(out, batch["mask"], progress=self.progress)
+        else:
+            loss = self.criterion(out, batch["target"])
+        bs = batch["image"].shape[0]
+        self.log(
+            "train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True
+        )
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=False, on_epoch=True, batch_size=bs)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = []
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self.model(batch["image"])
+        bs = batch["image"].shape[0]
+        if self.task == "segmentation":
+            self.log(
+                "val_loss",
+                self.criterion(logits, batch["mask"]),
+                on_epoch=True,
+                batch_size=bs,
+                sync_dist=True,
+            )
+            probs = self.probabilities(logits)
+            pred = probs[:, 0] > 0.5 if self.out_channels == 1 else probs.argmax(1) > 0
+            gt = (batch["mask"] > 0) & (batch["mask"] != 255)
+            # Score only the valid (unpadded) region of each image.
+            for b in range(bs):
+                h, w = self.valid_hw(batch["orig_hw"][b])
+                self._val.append(float(dice_per_image(pred[b : b + 1, :h, :w], gt[b : b + 1, :h, :w])[0]))
+        else:
+            self.log(
+                "val_loss",
+                F.cross_entropy(logits.float(), batch["label"]),
+                on_epoch=True,
+                batch_size=bs,
+                sync_dist=True,
+            )
+            pred = logits.argmax(1)
+            self._val += (pred == batch["label"]).float().tolist()
+
+    def valid_hw(self, orig_hw: torch.Tensor) -> tuple[int, int]:
+        a = self.cfg.augment
+        if a.resize:
+            return int(a.resize[0]), int(a.resize[1])
+        return scaled_size(int(orig_hw[0]), int(orig_hw[1]), a.scale)
+
+    def on_validation_epoch_end(self) -> None:
+        value = float(np.mean(self._val)) if self._val else 0.0
+        name = "val_dice" if self.task == "segmentation" else "val_acc"
+        metric = torch.tensor(value, device=self.device)
+        self.log(name, metric, prog_bar=True, sync_dist=True)
+        self.log("val_metric", metric, sync_dist=True)
+
+    def configure_optimizers(self):
+        opt = build_optimizer(self.model.parameters(), self.cfg.optim)
+        sched = build_scheduler(opt, self.cfg.optim, self.steps_per_epoch, self.cfg.train.epochs)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,343 @@
+"""`medstudent train`: one entry for both tasks, writing the nnU-Net-style run tree
+
+runs/<name>/fold_<k>/
+  config.yaml           the resolved configuration (what was really run)
+  split.json            the split used (copied, so the run folder is self-contained)
+  checkpoints/          best.ckpt (by val_metric) and last.ckpt (for --resume)
+  logs/                 CSV and TensorBoard logs
+  metrics.json          best validation metric, epochs, minutes, sizes
+  training_curves.png
+  predictions/val/      validation probability maps (segmentation) or probabilities.csv (classification)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from medstudent.config import RunConfig, save_config
+from medstudent.data.layouts import ClassificationDataset, SegmentationDataset, open_dataset
+from medstudent.data.splits import fold_ids, load_split, make_split, save_split
+from medstudent.data.transforms import (
+    cls_eval_transform,
+    cls_train_transform,
+    seg_eval_transform,
+    seg_train_transform,
+)
+from medstudent.errors import ConfigError, DataError
+from medstudent.training.data import ClsTorchDataset, SegTorchDataset
+from medstudent.training.module import TaskModule
+
+
+@dataclass
+class Prepared:
+    """The data side of a run: source data set, split and the index lists of one fold."""
+
+    dataset: SegmentationDataset | ClassificationDataset
+    split: dict
+    train_idx: list[int]
+    val_idx: list[int]
+    test_idx: list[int]
+
+
+def prepare_data(cfg: RunConfig, split_path: str | Path | None = None, fold: int | None = None) -> Prepared:
+    d = cfg.data
+    ds = open_dataset(
+        d.root, label_map=d.label_map, empty_if_missing=d.empty_if_missing, group_regex=d.group_regex
+    )
+    if isinstance(ds, SegmentationDataset):
+        if d.task != "segmentation":
+            raise ConfigError(d.root, f"is a segmentation data set but data.task is '{d.task}'")
+        if not d.empty_if_missing:
+            ds.require_complete()
+    elif isinstance(ds, ClassificationDataset):
+        if d.task != "classification":
+            raise ConfigError(d.root, f"is a classification data set but data.task is '{d.task}'")
+    else:
+        raise DataError(d.root, "is a folder of unlabeled images; training needs labels")
+    if len(ds) == 0:
+        raise DataError(d.root, "has no labeled images")
+    split_path = split_path or d.split
+    if split_path:
+        split = load_split(split_path, ds)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            split = make_split(ds, d.test_fraction, d.n_folds, d.split_seed)
+    k = d.fold if fold is None else fold
+    train_ids, val_ids, test_ids = fold_ids(split, k)
+    index = {i: n for n, i in enumerate(ds.ids())}
+    return Prepared(
+        ds, split, [index[i] for i in train_ids], [index[i] for i in val_ids], [index[i] for i in test_ids]
+    )
+
+
+def run_dir_for(cfg: RunConfig, fold: int) -> Path:
+    return Path(cfg.train.output_dir) / cfg.train.name / f"fold_{fold}"
+
+
+class EpochAwareTransforms(Callback):
+    """Tells epoch-dependent augmentation (the decaying AutoAugment-style policy) which epoch it is."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loader = trainer.train_dataloader
+        ds = getattr(loader, "dataset", None)
+        t = getattr(ds, "transform", None)
+        if hasattr(t, "set_epoch"):
+            t.set_epoch(trainer.current_epoch, trainer.max_epochs or 1)
+            pl_module.log(
+                "aug_policy_prob",
+                float(getattr(t, "policy_prob", 0.0)),
+                on_epoch=True,
+                on_step=False,
+                batch_size=1,
+            )
+
+
+def make_loaders(cfg: RunConfig, prep: Prepared, extra_train: torch.utils.data.Dataset | None = None):
+    """Train and validation loaders of one fold (plus optional extra training data, e.g. pseudo labels)."""
+    d, t = cfg.data, cfg.train
+    ds = prep.dataset
+    if d.task == "segmentation":
+        train_ds = SegTorchDataset(
+            ds, prep.train_idx, seg_train_transform(cfg.augment), cache=d.cache, skip_bad=d.skip_bad
+        )
+        val_ds = SegTorchDataset(
+            ds, prep.val_idx, seg_eval_transform(cfg.augment), cache=d.cache, skip_bad=d.skip_bad
+        )
+        val_bs = 1  # images may differ in size; scoring is per image anyway
+    else:
+        in_ch = cfg.model.in_channels
+        train_ds = ClsTorchDataset(
+            ds,
+            prep.train_idx,
+            cls_train_transform(cfg.augment, in_ch),
+            num_classes=ds.num_classes,
+            cache=d.cache,
+        )
+        val_ds = ClsTorchDataset(
+            ds,
+            prep.val_idx,
+            cls_eval_transform(cfg.augment, in_ch),
+            num_classes=ds.num_classes,
+            cache=d.cache,
+        )
+        val_bs = t.batch_size
+    if extra_train is not None:
+        train_ds = torch.utils.data.ConcatDataset([train_ds, extra_train])
+        train_ds.transform = getattr(extra_train, "transform", None)  # type: ignore[attr-defined]
+    sampler = None
+    if t.balanced_sampling and d.task == "classification":
+        labels = np.array([ds.items[i].label for i in prep.train_idx])
+        freq = np.bincount(labels, minlength=ds.num_classes).astype(float)
+        weights = 1.0 / freq[labels]
+        sampler = WeightedRandomSampler(
+            torch.as_tensor(weights),
+            num_samples=len(labels),
+            replacement=True,
+            generator=torch.Generator().manual_seed(t.seed),
+        )
+    g = torch.Generator().manual_seed(t.seed)
+    # Workers are re-created each epoch (not persistent) so the decaying augmentation policy reaches them.
+    kw = {"num_workers": d.num_workers}
+    train_loader = DataLoader(
+        train_ds,
+        batch_size=t.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=t.drop_last and len(train_ds) > t.batch_size,
+        generator=g,
+        **kw,
+    )
+    val_loader = DataLoader(val_ds, batch_size=val_bs, shuffle=False, **kw)
+    return train_loader, val_loader
+
+
+def class_weights_for(cfg: RunConfig, prep: Prepared) -> list[float] | None:
+    cw = cfg.loss.class_weights
+    if cfg.data.task != "classification" or cw is None:
+        return None
+    n = prep.dataset.num_classes
+    if cw == "balanced":
+        labels = np.array([prep.dataset.items[i].label for i in prep.train_idx])
+        freq = np.bincount(labels, minlength=n).astype(float)
+        return (len(labels) / (n * np.maximum(freq, 1))).tolist()
+    if len(cw) != n:
+        raise ConfigError(None, f"loss.class_weights has {len(cw)} values for {n} classes")
+    return list(cw)
+
+
+def _precision(cfg: RunConfig) -> str:
+    return {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}[cfg.train.precision]
+
+
+def build_trainer(
+    cfg: RunConfig, run_dir: Path, progress: bool = True, monitor: str = "val_metric"
+) -> L.Trainer:
+    t = cfg.train
+    ckpt = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best",
+        monitor=monitor,
+        mode="max",
+        save_last=True,
+        save_top_k=1,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
+    callbacks: list[Callback] = [ckpt, EpochAwareTransforms(), LearningRateMonitor(logging_interval="epoch")]
+    if progress:
+        callbacks.append(RichProgressBar(leave=True))
+    loggers = [
+        CSVLogger(run_dir, name="logs", version=""),
+        TensorBoardLogger(run_dir, name="logs", version="tb"),
+    ]
+    return L.Trainer(
+        max_epochs=t.epochs,
+        max_time={"minutes": t.max_minutes} if t.max_minutes else None,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=_precision(cfg),
+        accumulate_grad_batches=t.accumulate,
+        deterministic="warn" if t.deterministic else False,
+        check_val_every_n_epoch=t.val_every,
+        callbacks=callbacks,
+        logger=loggers,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        limit_train_batches=t.limit_train_batches,
+        default_root_dir=run_dir,
+    )
+
+
+def train(
+    cfg: RunConfig,
+    fold: int | None = None,
+    split_path: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    extra_train: torch.utils.data.Dataset | None = None,
+    run_dir: Path | None = None,
+) -> Path:
+    """Train one fold; returns the run folder. `resume` continues from checkpoints/last.ckpt."""
+    fold = cfg.data.fold if fold is None else fold
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.fold = fold
+    t = cfg.train
+    torch.set_num_threads(t.threads or max(1, os.cpu_count() or 1))
+    L.seed_everything(t.seed, workers=True, verbose=False)
+    prep = prepare_data(cfg, split_path, fold)
+    run_dir = Path(run_dir) if run_dir else run_dir_for(cfg, fold)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if resume and not last.is_file():
+        raise DataError(last, "cannot resume: no last checkpoint in this run folder")
+    if not resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+        raise DataError(
+            run_dir, "already holds checkpoints; pass --resume to continue or choose another name"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.data.split = str(run_dir / "split.json")
+    save_split(prep.split, run_dir / "split.json")
+    save_config(cfg, run_dir / "config.yaml")
+    train_loader, val_loader = make_loaders(cfg, prep, extra_train)
+    steps = max(1, len(train_loader) // max(1, t.accumulate))
+    module = TaskModule(
+        cfg.model_dump(mode="json"),
+        prep.dataset.num_classes,
+        prep.dataset.class_names,
+        class_weights_for(cfg, prep),
+        steps_per_epoch=steps,
+    )
+    trainer = build_trainer(cfg, run_dir, progress=progress)
+    csv_log = run_dir / "logs" / "metrics.csv"
+    earlier = csv_log.read_text() if resume and csv_log.is_file() else None  # CSVLogger truncates on reuse
+    start = time.time()
+    trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None)
+    if earlier is not None and trainer.global_rank == 0:
+        _merge_logs(csv_log, earlier)
+    minutes = (time.time() - start) / 60
+    if trainer.global_rank == 0:
+        finish_run(run_dir, trainer, prep, minutes)
+    return run_dir
+
+
+def _merge_logs(csv_log: Path, earlier: str) -> None:
+    """Put the epochs logged before a resume back in front of the resumed run's rows."""
+    import io
+
+    import pandas as pd
+
+    before = pd.read_csv(io.StringIO(earlier))
+    after = pd.read_csv(csv_log) if csv_log.is_file() else before.iloc[:0]
+    if "epoch" in after and after["epoch"].notna().any():
+        before = before[before["epoch"] < after["epoch"].min()]
+    pd.concat([before, after], ignore_index=True).to_csv(csv_log, index=False)
+
+
+def finish_run(run_dir: Path, trainer: L.Trainer, prep: Prepared, minutes: float) -> dict:
+    """metrics.json and the training-curve plot."""
+    from medstudent.evaluation.report import training_curves_png
+
+    ckpt_cb = trainer.checkpoint_callback
+    best = ckpt_cb.best_model_score if ckpt_cb is not None else None
+    previous = {}
+    if (run_dir / "metrics.json").is_file():
+        previous = json.loads((run_dir / "metrics.json").read_text())
+    metrics = {
+        "task": prep.dataset.task,
+        "best_val_metric": float(best) if best is not None else None,
+        "metric": "val_dice" if prep.dataset.task == "segmentation" else "val_acc",
+        "epochs": int(trainer.current_epoch),
+        "train_minutes": round(minutes + previous.get("train_minutes", 0.0), 3) if trainer else minutes,
+        "n_train": len(prep.train_idx),
+        "n_val": len(prep.val_idx),
+        "n_test": len(prep.test_idx),
+        "class_names": prep.dataset.class_names,
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    csv = run_dir / "logs" / "metrics.csv"
+    if csv.is_file():
+        training_curves_png(csv, run_dir / "training_curves.png")
+    best_path = run_dir / "checkpoints" / "best.ckpt"
+    if not best_path.is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file():
+        shutil.copy(run_dir / "checkpoints" / "last.ckpt", best_path)  # no validation ran: last is best
+    return metrics
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def ensemble_members(cfg: RunConfig) -> list[RunConfig]:
+    """One config per `ensemble:` member (named <train.name>-<member>), or [cfg] when there is none."""
+    if not cfg.ensemble:
+        return [cfg]
+    base = cfg.model_dump(mode="json")
+    base.pop("ensemble")
+    members = []
+    for k, m in enumerate(cfg.ensemble):
+        m = dict(m)
+        name = str(m.pop("name", f"m{k}"))
+        doc = _deep_merge(base, m)
+        doc["train"]["name"] = f"{cfg.train.name}-{name}"
+        members.append(RunConfig.model_validate(doc))
+    return members

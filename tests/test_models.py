@@ -1,0 +1,337 @@
+"""Model factory, pretrained registry and deep supervision; offline, small inputs, small encoders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from medstudent.config import ModelConfig
+from medstudent.errors import ConfigError
+from medstudent.models import (
+    BUNDLED,
+    SEG_ARCHS,
+    DeepSupervisionModel,
+    bundled_lite0_state_dict,
+    create_model,
+    model_from_config,
+    resolve_encoder,
+    seg_out_channels,
+)
+from medstudent.models.deep_supervision import HeadDropout
+
+torch.set_num_threads(2)
+ENCODERS = ["tu-efficientnet_lite0", "tu-resnet18", "tu-mobilenetv3_small_100"]
+
+
+def _size(arch: str) -> int:
+    return 128 if arch == "pan" else 64  # PAN's pyramid attention pools the 1/16 map three more times
+
+
+def _one_line_error(excinfo: pytest.ExceptionInfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.fixture(autouse=True)
+def _no_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to fetch weights from the network fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tried to download weights")
+
+    import timm.models._builder as builder
+
+    monkeypatch.setattr(builder, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(builder, "load_state_dict_from_hf", refuse)
+
+
+# --- factory: segmentation -------------------------------------------------------------------------------
+
+
+def test_seg_out_channels() -> None:
+    assert seg_out_channels(2) == 1
+    assert seg_out_channels(3) == 3
+    with pytest.raises(ConfigError):
+        seg_out_channels(1)
+
+
+@pytest.mark.parametrize("num_classes", [2, 3])
+@pytest.mark.parametrize("arch", list(SEG_ARCHS))
+def test_seg_archs_shapes(arch: str, num_classes: int) -> None:
+    encoder = ENCODERS[list(SEG_ARCHS).index(arch) % len(ENCODERS)]
+    model = create_model(arch.upper(), num_classes=num_classes, encoder=encoder).eval()
+    s = _size(arch)
+    with torch.no_grad():
+        y = model(torch.randn(1, 3, s, s))
+    assert y.shape == (1, 1 if num_classes == 2 else 3, s, s)
+    assert model.task == "segmentation" and model.num_classes == num_classes
+
+
+def test_encoder_names() -> None:
+    assert resolve_encoder("efficientnet_lite0") == ("timm", "efficientnet_lite0")
+    assert resolve_encoder("tu-resnet18") == ("timm", "resnet18")
+    assert resolve_encoder("resnet18") == ("timm", "resnet18")  # timm wins over smp's native resnet18
+    assert resolve_encoder("resnet18.a1_in1k") == ("timm", "resnet18.a1_in1k")
+    assert resolve_encoder("efficientnet-b0") == ("smp", "efficientnet-b0")
+    native = create_model("unet", num_classes=2, encoder="efficientnet-b0")
+    assert type(native.encoder).__name__ == "EfficientNetEncoder"
+
+
+def test_greyscale_segmentation() -> None:
+    model = create_model("fpn", num_classes=2, in_channels=1, pretrained=BUNDLED).eval()
+    w = bundled_lite0_state_dict()["conv_stem.weight"]
+    assert torch.allclose(model.encoder.model.conv_stem.weight, w.sum(1, keepdim=True))
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 64, 64)).shape == (1, 1, 64, 64)
+
+
+def test_mish_decoder() -> None:
+    model = create_model("unet", num_classes=2, decoder_activation="mish")
+    kinds = {type(m) for m in model.decoder.modules()}
+    assert nn.Mish in kinds and nn.ReLU not in kinds
+    assert any(isinstance(m, nn.ReLU6) for m in model.encoder.modules())  # encoder keeps its activation
+    for arch in ("deeplabv3plus", "fpn", "pan", "unetplusplus"):
+        m = create_model(arch, num_classes=3, encoder="resnet18", decoder_activation="mish")
+        assert any(isinstance(x, nn.Mish) for x in m.decoder.modules()), arch
+    plain = create_model("unet", num_classes=2)
+    assert not any(isinstance(m, nn.Mish) for m in plain.modules())
+    with pytest.raises(ConfigError, match="decoder_activation"):
+        create_model("unet", num_classes=2, decoder_activation="gelu")
+
+
+def test_dropout_and_drop_path_wired() -> None:
+    model = create_model("unet", num_classes=2, dropout=0.3, drop_path_rate=0.2)
+    assert isinstance(model.segmentation_head, HeadDropout) and model.segmentation_head.p == 0.3
+    probs = [m.drop_prob for m in model.encoder.modules() if type(m).__name__ == "DropPath"]
+    assert probs and 0 < max(probs) <= 0.2  # timm ramps stochastic depth up to the rate over the blocks
+    # same state-dict keys with and without dropout: teacher and student checkpoints are interchangeable
+    assert model.state_dict().keys() == create_model("unet", num_classes=2).state_dict().keys()
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))
+        model.eval()
+        assert torch.equal(model(x), model(x))
+    fpn = create_model("fpn", num_classes=2, dropout=0.25)
+    assert fpn.decoder.dropout.p == 0.25
+    assert create_model("fpn", num_classes=2).decoder.dropout.p == 0.0
+
+
+# --- factory: classification -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_classifier(in_channels: int) -> None:
+    model = create_model("resnet18", num_classes=4, in_channels=in_channels, dropout=0.3, drop_path_rate=0.1)
+    assert model.task == "classification" and model.num_classes == 4
+    assert model.drop_rate == 0.3
+    assert any(type(m).__name__ == "DropPath" and m.drop_prob > 0 for m in model.modules())
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, in_channels, 64, 64)).shape == (2, 4)
+
+
+def test_model_from_config() -> None:
+    model = model_from_config(ModelConfig(), num_classes=2).eval()  # defaults: fpn + bundled lite0
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 96)).shape == (1, 1, 64, 96)
+    cls = model_from_config(ModelConfig(arch="mobilenetv3_small_100", pretrained=None), num_classes=3)
+    assert cls.task == "classification"
+
+
+# --- deep supervision ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("arch", "num_classes"), [("unet", 2), ("unetplusplus", 3)])
+def test_deep_supervision(arch: str, num_classes: int) -> None:
+    model = create_model(
+        arch, num_classes=num_classes, encoder="mobilenetv3_small_100", deep_supervision=True
+    )
+    assert isinstance(model, DeepSupervisionModel) and model.task == "segmentation"
+    c = seg_out_channels(num_classes)
+    model.train()
+    outs = model(torch.randn(2, 3, 32, 32))
+    assert isinstance(outs, list)
+    assert [tuple(o.shape) for o in outs] == [(2, c, 32, 32), (2, c, 16, 16), (2, c, 8, 8)]
+    sum(o.mean() for o in outs).backward()
+    assert all(p.grad is not None for p in model.aux_heads.parameters())
+    model.eval()
+    with torch.no_grad():
+        y = model(torch.randn(1, 3, 32, 32))
+    assert isinstance(y, torch.Tensor) and y.shape == (1, c, 32, 32)
+
+
+def test_deep_supervision_onnx_export(tmp_path) -> None:
+    model = create_model("unet", num_classes=2, encoder="resnet18", deep_supervision=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    path = tmp_path / "ds.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["image"], output_names=["logits"])
+    ort = pytest.importorskip("onnxruntime")
+    (y,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(y, model(x).numpy(), atol=1e-4)
+
+
+def test_deep_supervision_errors() -> None:
+    with pytest.raises(ConfigError) as e:
+        create_model("fpn", num_classes=2, deep_supervision=True)
+    assert _one_line_error(e) == "model.deep_supervision: only for unet and unetplusplus, not fpn"
+    with pytest.raises(ConfigError, match="deep_supervision"):
+        create_model("resnet18", num_classes=2, deep_supervision=True)
+
+
+# --- pretrained ------------------------------------------------------------------------------------------
+
+
+def _equal_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_local_safetensors_and_pth_round_trip(tmp_path) -> None:
+    src = create_model("resnet18", num_classes=3)
+    save_file(src.state_dict(), str(tmp_path / "w.safetensors"))
+    # a checkpoint-style .pth: nested under "state_dict", with a DataParallel prefix
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, tmp_path / "w.pth")
+    for name in ("w.safetensors", "w.pth"):
+        dst = create_model("resnet18", num_classes=3, pretrained=str(tmp_path / name))
+        assert _equal_state(src, dst), name
+    # other class count: the head is dropped (random), everything else loads
+    other = create_model("resnet18", num_classes=5, pretrained=str(tmp_path / "w.pth"))
+    assert torch.equal(other.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
+    # greyscale: timm's input-conv adaptation sums the RGB filters
+    grey = create_model("resnet18", num_classes=3, in_channels=1, pretrained=str(tmp_path / "w.pth"))
+    assert torch.allclose(grey.conv1.weight, src.conv1.weight.sum(1, keepdim=True))
+
+
+def test_local_weights_reach_segmentation_encoder(tmp_path) -> None:
+    # convnext's features_only wrapper renames stages.0 -> stages_0: timm's loader handles it
+    src = timm.create_model("convnext_atto", num_classes=10)
+    save_file(src.state_dict(), str(tmp_path / "convnext.safetensors"))
+    seg = create_model(
+        "unet", num_classes=2, encoder="convnext_atto", pretrained=str(tmp_path / "convnext.safetensors")
+    )
+    assert torch.equal(
+        seg.encoder.model.stages_1.blocks[0].conv_dw.weight, src.stages[1].blocks[0].conv_dw.weight
+    )
+    # a whole segmentation checkpoint (features_only names, decoder keys): a classifier reuses its encoder
+    torch.save(seg.state_dict(), tmp_path / "seg.pth")
+    cls = create_model("convnext_atto", num_classes=3, pretrained=str(tmp_path / "seg.pth"))
+    assert torch.equal(cls.stages[3].blocks[1].mlp.fc2.weight, src.stages[3].blocks[1].mlp.fc2.weight)
+
+
+def test_deep_supervision_checkpoint_as_pretrained(tmp_path) -> None:
+    ds = create_model("unet", num_classes=2, deep_supervision=True)
+    # Lightning-style: under "state_dict", with the LightningModule's attribute prefix and an extra buffer
+    state = {f"model.{k}": v for k, v in ds.state_dict().items()} | {"criterion.pos_weight": torch.ones(1)}
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "last.ckpt")
+    plain = create_model("fpn", num_classes=2, pretrained=str(tmp_path / "last.ckpt"))
+    assert _equal_state(ds.encoder, plain.encoder)
+
+
+def test_bundled_state_dict_matches_timm() -> None:
+    sd = bundled_lite0_state_dict()
+    for name in ("efficientnet_lite0", "tf_efficientnet_lite0"):
+        ref = timm.create_model(name).state_dict()
+        assert list(sd) == list(ref) and all(sd[k].shape == ref[k].shape for k in sd)
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "tf_efficientnet_lite0"])
+def test_bundled_lite0_classifies_cat(arch: str) -> None:
+    from PIL import Image
+    from skimage.data import chelsea
+    from timm.data import create_transform, resolve_data_config
+
+    model = create_model(arch, num_classes=1000, pretrained=BUNDLED).eval()
+    transform = create_transform(**resolve_data_config({}, model=model))
+    with torch.no_grad():
+        logits = model(transform(Image.fromarray(chelsea()))[None])
+    assert 281 <= int(logits.argmax()) <= 285  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+def test_bundled_weights_reach_smp_encoder() -> None:
+    sd = bundled_lite0_state_dict()
+    model = create_model("unetplusplus", num_classes=2, encoder="tu-efficientnet_lite0", pretrained=BUNDLED)
+    enc = model.encoder.model.state_dict()
+    for key in ("conv_stem.weight", "blocks.3.2.conv_pw.weight", "blocks.6.0.bn3.running_var"):
+        assert torch.equal(enc[key], sd[key]), key
+    assert "state_dict" not in model.encoder.model.pretrained_cfg  # no second copy kept
+
+
+def test_no_download_without_pretrained(monkeypatch: pytest.MonkeyPatch) -> None:
+    import timm.models._builder as builder
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_pretrained called")
+
+    monkeypatch.setattr(builder, "load_pretrained", refuse)
+    create_model("unet", num_classes=2, pretrained=None)
+    create_model("efficientnet_lite0", num_classes=2, pretrained="none")
+
+
+def test_hub_offline_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(ConfigError) as e:
+        create_model("resnet18", num_classes=2, pretrained="hub")
+    msg = _one_line_error(e)
+    assert "could not get hub weights" in msg and "offline?" in msg and BUNDLED in msg
+
+
+# --- errors: one line, naming the file or the setting ----------------------------------------------------
+
+
+def test_unknown_encoder_and_arch() -> None:
+    with pytest.raises(ConfigError) as e:
+        create_model("unet", num_classes=2, encoder="foo")
+    assert _one_line_error(e) == "model.encoder: unknown timm encoder 'foo' (see timm.list_models())"
+    with pytest.raises(ConfigError) as e:
+        create_model("tu-foo", num_classes=2)
+    assert _one_line_error(e).startswith("model.arch: unknown architecture 'tu-foo'")
+
+
+def test_missing_file(tmp_path) -> None:
+    path = tmp_path / "nope.pth"
+    with pytest.raises(ConfigError) as e:
+        create_model("unet", num_classes=2, pretrained=str(path))
+    assert _one_line_error(e) == f"{path}: model.pretrained: weights file not found"
+
+
+def test_bundled_needs_lite0() -> None:
+    with pytest.raises(ConfigError) as e:
+        create_model("unet", num_classes=2, encoder="resnet18", pretrained=BUNDLED)
+    assert _one_line_error(e) == (
+        "model.pretrained: 'efficientnet_lite0.bundled' only fits efficientnet_lite0 or "
+        "tf_efficientnet_lite0, not 'resnet18'"
+    )
+
+
+def test_garbage_spec() -> None:
+    with pytest.raises(ConfigError) as e:
+        create_model("resnet18", num_classes=2, pretrained="imagenet21k-please")
+    msg = _one_line_error(e)
+    assert msg.startswith("model.pretrained: unknown value 'imagenet21k-please' (expected a weights file")
+    assert BUNDLED in msg and "'hub'" in msg and "'none'" in msg
+
+
+def test_wrong_or_corrupt_file(tmp_path) -> None:
+    save_file(timm.create_model("resnet18").state_dict(), str(tmp_path / "resnet.safetensors"))
+    with pytest.raises(ConfigError) as e:  # another architecture, loaded into a features_only encoder
+        create_model("unet", num_classes=2, pretrained=str(tmp_path / "resnet.safetensors"))
+    msg = _one_line_error(e)
+    assert msg.startswith(f"{tmp_path / 'resnet.safetensors'}: model.pretrained: ")
+    assert "efficientnet_lite0" in msg
+    with pytest.raises(ConfigError) as e:  # same, into a classifier
+        create_model("efficientnet_lite0", num_classes=1000, pretrained=str(tmp_path / "resnet.safetensors"))
+    assert "tensors of timm 'efficientnet_lite0' are not in the file" in _one_line_error(e)
+    bad = tmp_path / "broken.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError) as e:
+        create_model("resnet18", num_classes=2, pretrained=str(bad))
+    assert _one_line_error(e).startswith(f"{bad}: model.pretrained: not a readable weights file")

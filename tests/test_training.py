@@ -1,0 +1,278 @@
+"""Training, checkpoint -> predict -> evaluate round trip, resume, TTA/padding geometry, ensembles, losses."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from medstudent.cli import app
+from medstudent.config import OptimConfig, load_config
+from medstudent.data.layouts import open_segmentation
+from medstudent.errors import ConfigError, DataError
+from medstudent.inference.predict import ensemble_probs, load_predictor, predict_probs, predict_seg_probs
+from medstudent.inference.tta import forward_op, inverse_op, tta_mean, tta_ops
+from medstudent.training.losses import IGNORE, DeepSupervisionLoss, SegmentationLoss
+from medstudent.training.optim import lr_factor
+from medstudent.training.train import ensemble_members, train
+
+runner = CliRunner()
+TINY = [
+    "model.arch=fpn",
+    "model.encoder=mobilenetv3_small_050",
+    "model.pretrained=none",
+    "train.batch_size=4",
+    "augment.scale=1.0",
+    "augment.crop=null",
+    "augment.rot90=0",
+    "augment.stain=0",
+    "augment.autoaugment=0",
+    "augment.noise=0",
+    "train.precision=32",
+    "train.max_minutes=null",
+    "data.test_fraction=4",
+    "data.n_folds=3",
+    "postprocess.min_area=0",
+    "postprocess.fill_holes=false",
+]
+
+
+def tiny_cfg(root, tmp_path, *extra):
+    return load_config(
+        "stas_cpu", [f"data.root={root}", f"train.output_dir={tmp_path / 'runs'}", *TINY, *extra]
+    )
+
+
+@pytest.fixture(scope="module")
+def trained_run(synth_stas_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    cfg = tiny_cfg(synth_stas_dir, tmp, "train.epochs=3", "train.name=tiny", "optim.lr=0.003")
+    return train(cfg, progress=False)
+
+
+def test_training_lowers_loss_and_writes_run_tree(trained_run):
+    run = trained_run
+    for rel in (
+        "config.yaml",
+        "split.json",
+        "checkpoints/best.ckpt",
+        "checkpoints/last.ckpt",
+        "metrics.json",
+        "training_curves.png",
+        "logs/metrics.csv",
+    ):
+        assert (run / rel).exists(), rel
+    assert run.name == "fold_0" and run.parent.name == "tiny"
+    log = pd.read_csv(run / "logs" / "metrics.csv")
+    losses = log.dropna(subset=["train_loss"])["train_loss"].to_numpy()
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["epochs"] == 3 and 0 <= m["best_val_metric"] <= 1 and m["n_test"] == 4
+
+
+def test_checkpoint_predict_evaluate_round_trip(trained_run, synth_stas_dir, tmp_path):
+    out = tmp_path / "pred"
+    res = runner.invoke(
+        app,
+        [
+            "predict",
+            str(trained_run),
+            "-i",
+            str(synth_stas_dir / "Train_Images"),
+            "-o",
+            str(out),
+            "--tta",
+            "flip",
+            "--probs",
+            "--labelme",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    ds = open_segmentation(synth_stas_dir)
+    masks = sorted((out / "masks").glob("*.png"))
+    assert len(masks) == len(ds)
+    from PIL import Image
+
+    m0 = np.asarray(Image.open(masks[0]))
+    assert m0.shape == (160, 256) and set(np.unique(m0)) <= {0, 255}
+    assert len(list((out / "labelme").glob("*.json"))) == len(ds)
+    assert len(list((out / "overlays").glob("*.png"))) == len(ds)
+    res = runner.invoke(app, ["evaluate", str(out), str(synth_stas_dir), "-o", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    per = pd.read_csv(tmp_path / "ev" / "per_image.csv")
+    assert summary["images"] == len(ds) == len(per)
+    assert summary["mean_dice"] == pytest.approx(per["dice"].mean())
+    assert (tmp_path / "ev" / "worst.png").is_file()
+
+
+def test_resume_continues_from_saved_epoch(synth_stas_dir, tmp_path):
+    cfg = tiny_cfg(synth_stas_dir, tmp_path, "train.epochs=1", "train.name=res")
+    run = train(cfg, progress=False)
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 1
+    with pytest.raises(DataError, match="already holds checkpoints; pass --resume"):
+        train(cfg, progress=False)
+    cfg2 = tiny_cfg(synth_stas_dir, tmp_path, "train.epochs=2", "train.name=res")
+    train(cfg2, resume=True, progress=False)
+    log = pd.read_csv(run / "logs" / "metrics.csv").dropna(subset=["train_loss"])
+    assert sorted(log["epoch"].unique().tolist()) == [0, 1]  # epoch 0 from the first run, epoch 1 resumed
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 2
+
+
+def test_resume_without_checkpoint_errors(synth_stas_dir, tmp_path):
+    cfg = tiny_cfg(synth_stas_dir, tmp_path, "train.name=nothing")
+    with pytest.raises(DataError, match=r"last\.ckpt: cannot resume"):
+        train(cfg, resume=True, progress=False)
+
+
+def test_padding_and_tta_restore_exact_size(trained_run):
+    pred = load_predictor(trained_run)
+    rng = np.random.default_rng(0)
+    for h, w in ((97, 131), (160, 256), (33, 301)):
+        img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        for tta in ("none", "flip", "d4"):
+            p = predict_seg_probs(pred, img, tta)
+            assert p.shape == (h, w) and np.isfinite(p).all() and p.min() >= 0 and p.max() <= 1
+        tiled = predict_seg_probs(pred, img, "none", tile=64)  # sliding window path
+        assert tiled.shape == (h, w)
+
+
+def test_tta_ops_are_inverted_exactly():
+    x = torch.arange(2 * 3 * 64 * 96, dtype=torch.float32).reshape(2, 3, 64, 96)
+    for op in tta_ops("d4"):
+        assert torch.equal(inverse_op(forward_op(x, op), op), x)
+    # an equivariant "model" (identity) gives identical output under any TTA
+    assert torch.equal(tta_mean(lambda t: t * 2, x, "d4"), x * 2)
+
+
+def test_ensembles_on_hand_made_maps():
+    a = np.array([[0.9, 0.2], [0.6, 0.1]], np.float32)
+    b = np.array([[0.8, 0.7], [0.4, 0.2]], np.float32)
+    c = np.array([[0.1, 0.6], [0.7, 0.3]], np.float32)
+    np.testing.assert_allclose(ensemble_probs([a, b, c], "mean"), (a + b + c) / 3)
+    vote = ensemble_probs([a, b, c], "vote", threshold=0.5)
+    np.testing.assert_allclose(vote, [[2 / 3, 2 / 3], [2 / 3, 0]])
+    assert ((vote > 0.5) == np.array([[1, 1], [1, 0]], bool)).all()
+    # multi-class vote: argmax per member, fraction of members per class
+    p1 = np.array([[0.7, 0.2, 0.1]])[..., None, None].reshape(3, 1, 1)
+    p2 = np.array([0.1, 0.8, 0.1]).reshape(3, 1, 1)
+    p3 = np.array([0.6, 0.3, 0.1]).reshape(3, 1, 1)
+    v = ensemble_probs([p1, p2, p3], "vote")
+    np.testing.assert_allclose(v[:, 0, 0], [2 / 3, 1 / 3, 0])
+
+
+def test_two_model_ensemble_predicts(trained_run):
+    pred = load_predictor(trained_run)
+    img = np.random.default_rng(1).integers(0, 255, (80, 120, 3), dtype=np.uint8)
+    single = predict_probs([pred], img)
+    double = predict_probs([pred, pred], img, ensemble="mean")
+    np.testing.assert_allclose(single, double, atol=1e-6)
+
+
+def test_missing_checkpoint_error(tmp_path):
+    res = runner.invoke(
+        app, ["predict", str(tmp_path / "nope"), "-i", str(tmp_path), "-o", str(tmp_path / "o")]
+    )
+    assert res.exit_code == 1 and "nope: no such run folder or checkpoint" in res.output
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(DataError, match="no checkpoint found"):
+        load_predictor(tmp_path / "empty_run")
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match=r"bad\.ckpt: cannot read checkpoint"):
+        load_predictor(bad)
+
+
+def test_unknown_encoder_error_through_cli(synth_stas_dir, tmp_path):
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "stas_cpu",
+            "--set",
+            f"data.root={synth_stas_dir}",
+            "--set",
+            "model.encoder=no_such_net",
+            "--set",
+            "model.pretrained=none",
+            "--set",
+            f"train.output_dir={tmp_path}",
+            "--quiet",
+        ],
+    )
+    assert res.exit_code == 1
+    assert "no_such_net" in res.output and len([ln for ln in res.output.splitlines() if ln.strip()]) == 1
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config("stas_cpu", ["train.epochs=many"])
+    with pytest.raises(ConfigError, match="model.colour: Extra inputs are not permitted"):
+        load_config("stas_cpu", ["model.colour=red"])
+    with pytest.raises(ConfigError, match="config not found"):
+        load_config("no_such_preset")
+
+
+def test_presets_validate_and_ensemble_members():
+    for name in ("stas_cpu", "stas_unet_b3", "stas_deeplab_ensemble", "oct_resnet18", "oct_cpu"):
+        load_config(name)
+    cfg = load_config("stas_deeplab_ensemble")
+    members = ensemble_members(cfg)
+    assert [m.train.name for m in members] == [
+        "stas_deeplab-b6ns",
+        "stas_deeplab-v2m",
+        "stas_deeplab-nfnetl2",
+    ]
+    assert [m.model.encoder for m in members] == [
+        "tf_efficientnet_b6.ns_jft_in1k",
+        "tf_efficientnetv2_m.in21k_ft_in1k",
+        "eca_nfnet_l2",
+    ]
+    assert all(m.model.arch == "deeplabv3plus" and m.optim.name == "adabelief" for m in members)
+    b3 = load_config("stas_unet_b3")
+    assert b3.model.deep_supervision and b3.loss.deep_supervision_weights == (1.0, 0.25, 0.0625)
+
+
+def test_ignore_pixels_get_zero_gradient():
+    from medstudent.config import LossConfig
+
+    for name in ("dice_focal", "dice_bce", "focal", "dice"):
+        loss = SegmentationLoss(LossConfig(name=name), out_channels=1)
+        logits = torch.randn(2, 1, 16, 16, requires_grad=True)
+        target = torch.randint(0, 2, (2, 16, 16))
+        target[:, :8] = IGNORE
+        loss(logits, target).backward()
+        g = logits.grad[:, 0]
+        assert torch.all(g[:, :8] == 0), name
+        assert g[:, 8:].abs().sum() > 0, name
+
+
+def test_multiclass_loss_and_deep_supervision_decay():
+    from medstudent.config import LossConfig
+
+    base = SegmentationLoss(LossConfig(name="dice_focal"), out_channels=3)
+    target = torch.randint(0, 3, (2, 32, 32))
+    main = torch.randn(2, 3, 32, 32)
+    assert torch.isfinite(base(main, target))
+    ds = DeepSupervisionLoss(base, (1.0, 0.25, 0.0625))
+    outs = [main, torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8)]
+    start, end = ds(outs, target, progress=0.0), ds(outs, target, progress=1.0)
+    assert end == pytest.approx(float(base(main, target)), rel=1e-5)  # aux weights decayed to 0
+    assert start > end
+    assert ds.aux_factor(0.5) == pytest.approx(0.5)
+
+
+def test_lr_schedules():
+    cos = OptimConfig(scheduler="cosine", warmup_epochs=1, min_lr_ratio=0.0)
+    assert lr_factor(0, cos, 10, 5) == pytest.approx(0.1)
+    assert lr_factor(9, cos, 10, 5) == pytest.approx(1.0)
+    assert lr_factor(10, cos, 10, 5) == pytest.approx(1.0)
+    assert lr_factor(30, cos, 10, 5) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    step = OptimConfig(scheduler="step", step_size=7, gamma=0.1)
+    assert lr_factor(69, step, 10, 20) == 1.0 and lr_factor(70, step, 10, 20) == pytest.approx(0.1)
+    assert lr_factor(140, step, 10, 20) == pytest.approx(0.01)
