@@ -111,6 +111,7 @@ class TrainConfig(Section):
     strategy: str = "auto"
     accelerator: str = "auto"
     threads: int | None = None
+    channels_last: bool = True  # oneDNN convolutions are ~25% faster in NHWC on CPU
     limit_train_batches: int | float | None = None
 
     @field_validator("precision", mode="before")

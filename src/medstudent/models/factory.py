@@ -270,3 +270,17 @@ def _create_classifier(
     if sd is not None:
         load_state_dict_into(model, sd, name, spec.origin)
     return model
+
+
+def check_model_config(cfg: ModelConfig, task: str) -> None:
+    """Fail fast (before any data is read) on an architecture or encoder that does not exist, or one that
+    does not fit the task."""
+    arch = cfg.arch.lower()
+    if task == "segmentation":
+        if arch not in SEG_ARCHS:
+            raise ConfigError(
+                None, f"model.arch: '{cfg.arch}' is not a segmentation architecture ({', '.join(SEG_ARCHS)})"
+            )
+        resolve_encoder(cfg.encoder)
+    elif arch in SEG_ARCHS or not timm.is_model(cfg.arch[3:] if cfg.arch.startswith("tu-") else cfg.arch):
+        raise ConfigError(None, f"model.arch: '{cfg.arch}' is not a timm classifier (see timm.list_models())")

@@ -51,10 +51,12 @@ class TaskModule(L.LightningModule):
             w = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
             self.criterion = ClassificationLoss(self.cfg.loss, w)
         self.steps_per_epoch = steps_per_epoch
+        self.memory_format = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.memory_format)
         self._val: list = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return self.model(x.contiguous(memory_format=self.memory_format))
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Class probabilities: sigmoid of the single binary channel, softmax otherwise."""
@@ -69,7 +71,7 @@ class TaskModule(L.LightningModule):
         return float(self.current_epoch) / float(self.trainer.max_epochs)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self.model(batch["image"])
+        out = self(batch["image"])
         if self.task == "segmentation":
             loss = self.criterion(out, batch["mask"], progress=self.progress)
         else:
@@ -85,7 +87,7 @@ class TaskModule(L.LightningModule):
         self._val = []
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self.model(batch["image"])
+        logits = self(batch["image"])
         bs = batch["image"].shape[0]
         if self.task == "segmentation":
             self.log(

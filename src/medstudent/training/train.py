@@ -13,6 +13,7 @@ runs/<name>/fold_<k>/
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -37,6 +38,7 @@ from medstudent.data.transforms import (
     seg_train_transform,
 )
 from medstudent.errors import ConfigError, DataError
+from medstudent.models import check_model_config
 from medstudent.training.data import ClsTorchDataset, SegTorchDataset
 from medstudent.training.module import TaskModule
 
@@ -240,8 +242,10 @@ def train(
     cfg = cfg.model_copy(deep=True)
     cfg.data.fold = fold
     t = cfg.train
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)  # no banner/tips
     torch.set_num_threads(t.threads or max(1, os.cpu_count() or 1))
     L.seed_everything(t.seed, workers=True, verbose=False)
+    check_model_config(cfg.model, cfg.data.task)
     prep = prepare_data(cfg, split_path, fold)
     run_dir = Path(run_dir) if run_dir else run_dir_for(cfg, fold)
     last = run_dir / "checkpoints" / "last.ckpt"
