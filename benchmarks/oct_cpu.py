@@ -44,8 +44,15 @@ def main() -> None:
     train_ds = open_classification(DATA / "train")
     # 80 training images: 4 folds, grouped by patient; fold 0's validation picks the checkpoint.
     save_split(make_split(train_ds, test_fraction=0, n_folds=4, seed=0), out / "split.json")
-    cfg = load_config("oct_cpu", [f"data.root={DATA / 'train'}", f"data.split={out / 'split.json'}",
-                                  f"train.output_dir={out}", *args.set])
+    cfg = load_config(
+        "oct_cpu",
+        [
+            f"data.root={DATA / 'train'}",
+            f"data.split={out / 'split.json'}",
+            f"train.output_dir={out}",
+            *args.set,
+        ],
+    )
     t0 = time.time()
     run = train(cfg, progress=False)
     minutes = (time.time() - t0) / 60
@@ -53,17 +60,30 @@ def main() -> None:
     files = collect_images(DATA / "val")
     dest = out / "pred"
     t1 = time.time()
-    predict_folder(lambda im: predict_probs([pred], im, tta=cfg.predict.tta), "classification", files, dest,
-                   pred.class_names, root=DATA / "val")
+    predict_folder(
+        lambda im: predict_probs([pred], im, tta=cfg.predict.tta),
+        "classification",
+        files,
+        dest,
+        pred.class_names,
+        root=DATA / "val",
+    )
     secs = (time.time() - t1) / len(files)
     m = evaluate_classification(dest, DATA / "val", out / "report")
     res = {
-        "date": str(date.today()), "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+        "date": str(date.today()),
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
         "data": f"train {DATA / 'train'} (80), test {DATA / 'val'} (32)",
-        "train_minutes_wall": round(minutes, 2), "train": json.loads((run / "metrics.json").read_text()),
-        "test_accuracy": m["accuracy"], "test_accuracy_ci95": m["accuracy_ci95"], "macro_f1": m["macro_f1"],
-        "auc_macro": m["auc_macro"], "per_class": m["per_class"], "confusion_matrix": m["confusion_matrix"],
-        "inference_s_per_image": secs, "tta": cfg.predict.tta,
+        "train_minutes_wall": round(minutes, 2),
+        "train": json.loads((run / "metrics.json").read_text()),
+        "test_accuracy": m["accuracy"],
+        "test_accuracy_ci95": m["accuracy_ci95"],
+        "macro_f1": m["macro_f1"],
+        "auc_macro": m["auc_macro"],
+        "per_class": m["per_class"],
+        "confusion_matrix": m["confusion_matrix"],
+        "inference_s_per_image": secs,
+        "tta": cfg.predict.tta,
     }
     (out / "result.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))

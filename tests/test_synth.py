@@ -30,8 +30,15 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def stas_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synth_stas(tmp_path_factory.mktemp("stas") / "ds", n=STAS_N, seed=STAS_SEED, width=STAS_W,
-                      height=STAS_H, n_unlabeled=3, empty_fraction=STAS_EMPTY)
+    return synth_stas(
+        tmp_path_factory.mktemp("stas") / "ds",
+        n=STAS_N,
+        seed=STAS_SEED,
+        width=STAS_W,
+        height=STAS_H,
+        n_unlabeled=3,
+        empty_fraction=STAS_EMPTY,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +87,10 @@ def test_stas_layout_and_labelme_round_trip(stas_root: Path, stas_items: list) -
 
 
 def test_stas_deterministic(tmp_path: Path) -> None:
-    a, b, c = (_files(synth_stas(tmp_path / name, n=2, seed=seed, width=256, height=160, n_unlabeled=1))
-               for name, seed in (("a", 11), ("b", 11), ("c", 12)))
+    a, b, c = (
+        _files(synth_stas(tmp_path / name, n=2, seed=seed, width=256, height=160, n_unlabeled=1))
+        for name, seed in (("a", 11), ("b", 11), ("c", 12))
+    )
     assert a == b
     assert a.keys() == c.keys()
     assert all(a[k] != c[k] for k in a if k.endswith(".jpg"))
@@ -156,8 +165,9 @@ def test_stas_full_resolution() -> None:
 
 @pytest.fixture(scope="module")
 def oct_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synth_oct(tmp_path_factory.mktemp("oct") / "ds", n=OCT_N, seed=OCT_SEED, size=OCT_SIZE,
-                     n_unlabeled=4)
+    return synth_oct(
+        tmp_path_factory.mktemp("oct") / "ds", n=OCT_N, seed=OCT_SEED, size=OCT_SIZE, n_unlabeled=4
+    )
 
 
 def test_oct_layout(oct_root: Path) -> None:
@@ -229,8 +239,11 @@ def _oct_features(img: np.ndarray) -> np.ndarray:
     lift = (np.percentile(above, 90) - np.median(above)) / rpe
     thr = 0.5 * (np.median(g[: h // 8]) + np.percentile(g, 99.5))
     ilm = (g > thr).argmax(0)
-    dark = [np.mean(g[a + 3:b - 3, c] < 0.5 * thr) for c, (a, b) in enumerate(zip(ilm, bruch, strict=True))
-            if b - a > 8]
+    dark = [
+        np.mean(g[a + 3 : b - 3, c] < 0.5 * thr)
+        for c, (a, b) in enumerate(zip(ilm, bruch, strict=True))
+        if b - a > 8
+    ]
     return np.array([lift, np.mean(dark) if dark else 0.0])
 
 

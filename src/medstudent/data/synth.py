@@ -62,8 +62,13 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 
 def _blob_polygons(
-    rng: np.random.Generator, cx: np.ndarray, cy: np.ndarray, rx: np.ndarray, ry: np.ndarray,
-    irregular: float, n_vert: int = 12,
+    rng: np.random.Generator,
+    cx: np.ndarray,
+    cy: np.ndarray,
+    rx: np.ndarray,
+    ry: np.ndarray,
+    irregular: float,
+    n_vert: int = 12,
 ) -> np.ndarray:
     """(N, n_vert, 2) outlines of irregular rotated ellipses: nuclei and cells are never perfect circles."""
     n = len(cx)
@@ -90,7 +95,7 @@ def _draw_polys(draw: ImageDraw.ImageDraw, polys: np.ndarray, values: np.ndarray
 
 
 def _disk(r: int) -> np.ndarray:
-    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
     return xx * xx + yy * yy <= r * r
 
 
@@ -107,8 +112,11 @@ class _Layers:
         self.rbc = Image.new("F", (w, h), 0.0)
         self.stas = Image.new("L", (w, h), 0)  # cluster id + 1 of the STAS cells, for the label
         self.d_cyto_e, self.d_cyto_h = ImageDraw.Draw(self.cyto_e), ImageDraw.Draw(self.cyto_h)
-        self.d_nuc, self.d_rbc, self.d_stas = (ImageDraw.Draw(self.nuc_h), ImageDraw.Draw(self.rbc),
-                                               ImageDraw.Draw(self.stas))
+        self.d_nuc, self.d_rbc, self.d_stas = (
+            ImageDraw.Draw(self.nuc_h),
+            ImageDraw.Draw(self.rbc),
+            ImageDraw.Draw(self.stas),
+        )
 
 
 def _alveoli(rng: np.random.Generator, h: int, w: int, k: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -176,7 +184,11 @@ def _grow_cluster(rng: np.random.Generator, n: int, r_mean: float) -> tuple[np.n
 
 
 def _atypical_cells(
-    rng: np.random.Generator, layers: _Layers, pos: np.ndarray, r: np.ndarray, cluster_id: int | None,
+    rng: np.random.Generator,
+    layers: _Layers,
+    pos: np.ndarray,
+    r: np.ndarray,
+    cluster_id: int | None,
 ) -> None:
     """Large atypical cells: pink cytoplasm, big dark round nuclei, sometimes a nucleolus.
 
@@ -204,7 +216,10 @@ def _atypical_cells(
 
 
 def render_stas(
-    rng: np.random.Generator, width: int = 512, height: int = 288, with_stas: bool = True,
+    rng: np.random.Generator,
+    width: int = 512,
+    height: int = 288,
+    with_stas: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic H&E lung field; returns (uint8 HxWx3 RGB image, uint8 HxW 0/1 STAS mask).
 
@@ -305,10 +320,16 @@ def render_stas(
         keep = outside_stas(cx, cy)
         mk = int(keep.sum())
         rn = rng.uniform(3.2, 4.4, mk) * k
-        _draw_polys(layers.d_cyto_e, _blob_polygons(rng, x0, y0, np.array([spread * 1.5]),
-                                                    np.array([spread * 1.2]), 0.2), 0.4)
-        _draw_polys(layers.d_nuc, _blob_polygons(rng, cx[keep], cy[keep], rn, rn * rng.uniform(0.85, 1.0, mk),
-                                                 0.08, 8), rng.uniform(1.5, 2.2, mk))
+        _draw_polys(
+            layers.d_cyto_e,
+            _blob_polygons(rng, x0, y0, np.array([spread * 1.5]), np.array([spread * 1.2]), 0.2),
+            0.4,
+        )
+        _draw_polys(
+            layers.d_nuc,
+            _blob_polygons(rng, cx[keep], cy[keep], rn, rn * rng.uniform(0.85, 1.0, mk), 0.08, 8),
+            rng.uniform(1.5, 2.2, mk),
+        )
 
     # --- ordinary wall nuclei (pneumocytes, fibroblasts, endothelium): small, often elongated
     if free_wall:
@@ -388,8 +409,13 @@ def render_stas(
 
 
 def synth_stas(
-    out: str | Path, n: int = 24, seed: int = 0, width: int = 512, height: int = 288,
-    n_unlabeled: int = 8, empty_fraction: float = 0.15,
+    out: str | Path,
+    n: int = 24,
+    seed: int = 0,
+    width: int = 512,
+    height: int = 288,
+    n_unlabeled: int = 8,
+    empty_fraction: float = 0.15,
 ) -> Path:
     """Write a STAS-competition-style data set: Train_Images/*.jpg, Train_Annotations/*.json (labelme),
     Unlabeled_Images/Unlabeled_*.jpg. round(empty_fraction * n) labeled images contain no STAS (empty
@@ -419,10 +445,54 @@ def synth_stas(
 
 # Reflectivity from the ILM (0) to the photoreceptor tips (1): bright RNFL, alternating plexiform (brighter)
 # and nuclear (darker) layers, dark ONL, then the bright ellipsoid zone just above the RPE.
-_OCT_D = np.array([-0.02, 0.0, 0.03, 0.10, 0.15, 0.26, 0.30, 0.38, 0.42, 0.49, 0.52, 0.57, 0.62, 0.84,
-                   0.87, 0.89, 0.92, 0.95, 0.975, 1.0])
-_OCT_V = np.array([0.05, 0.5, 0.72, 0.66, 0.48, 0.45, 0.58, 0.55, 0.26, 0.26, 0.52, 0.50, 0.17, 0.15,
-                   0.36, 0.22, 0.22, 0.82, 0.45, 0.40])
+_OCT_D = np.array(
+    [
+        -0.02,
+        0.0,
+        0.03,
+        0.10,
+        0.15,
+        0.26,
+        0.30,
+        0.38,
+        0.42,
+        0.49,
+        0.52,
+        0.57,
+        0.62,
+        0.84,
+        0.87,
+        0.89,
+        0.92,
+        0.95,
+        0.975,
+        1.0,
+    ]
+)
+_OCT_V = np.array(
+    [
+        0.05,
+        0.5,
+        0.72,
+        0.66,
+        0.48,
+        0.45,
+        0.58,
+        0.55,
+        0.26,
+        0.26,
+        0.52,
+        0.50,
+        0.17,
+        0.15,
+        0.36,
+        0.22,
+        0.22,
+        0.82,
+        0.45,
+        0.40,
+    ]
+)
 
 
 def _domes(x: np.ndarray, centres: ArrayLike, half_widths: ArrayLike, heights: ArrayLike) -> np.ndarray:
@@ -445,8 +515,11 @@ def _render_oct(rng: np.random.Generator, cls: str, height: int, width: int, dif
 
     # geometry, in pixel rows as a function of the column
     rpe_th = H * rng.uniform(0.018, 0.03)
-    bruch = (H * rng.uniform(0.5, 0.7) + H * rng.uniform(-0.1, 0.1) * (2 * x - 1)
-             + H * rng.uniform(-0.06, 0.08) * (2 * x - 1) ** 2)
+    bruch = (
+        H * rng.uniform(0.5, 0.7)
+        + H * rng.uniform(-0.1, 0.1) * (2 * x - 1)
+        + H * rng.uniform(-0.06, 0.08) * (2 * x - 1) ** 2
+    )
     thick = H * rng.uniform(0.16, 0.24) * (1 + 0.04 * _smooth_noise(rng, 1, W, W / 4)[0])
     pit_depth = rng.uniform(0.35, 0.65) if rng.random() < 0.6 else rng.uniform(0.0, 0.15)
     pit = np.exp(-0.5 * ((x - xf) / rng.uniform(0.04, 0.07)) ** 2)
@@ -459,8 +532,7 @@ def _render_oct(rng: np.random.Generator, cls: str, height: int, width: int, dif
     if cls == "DRUSEN":
         m = max(1, int(round(rng.uniform(2, 7) * min(1.0, s))))
         c = xf + rng.uniform(-0.3, 0.3, m)
-        elev = _domes(x, c, rng.uniform(0.02, 0.05, m) * (0.6 + 0.4 * s),
-                      H * rng.uniform(0.02, 0.05, m) * s)
+        elev = _domes(x, c, rng.uniform(0.02, 0.05, m) * (0.6 + 0.4 * s), H * rng.uniform(0.02, 0.05, m) * s)
         material = rng.uniform(0.4, 0.6)
         ride = 0.35
     elif cls == "CNV":
@@ -485,8 +557,14 @@ def _render_oct(rng: np.random.Generator, cls: str, height: int, width: int, dif
         pit_depth *= 0.3
         for _ in range(max(1, int(round(rng.uniform(2, 8) * min(1.0, s))))):
             cx = xd + rng.uniform(-0.18, 0.18)
-            cysts.append((cx, rng.uniform(0.35, 0.8), rng.uniform(0.012, 0.04) * math.sqrt(s),
-                          rng.uniform(0.12, 0.3) * math.sqrt(s)))
+            cysts.append(
+                (
+                    cx,
+                    rng.uniform(0.35, 0.8),
+                    rng.uniform(0.012, 0.04) * math.sqrt(s),
+                    rng.uniform(0.12, 0.3) * math.sqrt(s),
+                )
+            )
         if rng.random() < 0.3:
             fluid = _domes(x, xd, rng.uniform(0.05, 0.12), H * rng.uniform(0.01, 0.035) * s)
 
@@ -518,8 +596,13 @@ def _render_oct(rng: np.random.Generator, cls: str, height: int, width: int, dif
     img = np.where(sub, material * (1 + 0.2 * tex), img)
     z = yy - bruch[None, :]
     shadow = 1 - 0.5 * np.clip(elev / (H * 0.03), 0, 1) if cls == "CNV" else np.ones(W)
-    choroid = (0.5 * np.exp(-z / (H * rng.uniform(0.06, 0.11))) * (0.65 + 0.35 * np.clip(tex, -1.5, 1.5))
-               * shadow[None, :] + 0.02)
+    choroid = (
+        0.5
+        * np.exp(-z / (H * rng.uniform(0.06, 0.11)))
+        * (0.65 + 0.35 * np.clip(tex, -1.5, 1.5))
+        * shadow[None, :]
+        + 0.02
+    )
     img = np.where(z >= 0, choroid, img)
     # vessel shadows, occasionally a detached posterior hyaloid line: in every class, so not a cue
     vessels = np.ones(W)
@@ -565,7 +648,11 @@ def _patients(rng: np.random.Generator, n: int) -> list[int]:
 
 
 def synth_oct(
-    out: str | Path, n: int = 40, seed: int = 0, size: int = 256, difficulty: float = 0.5,
+    out: str | Path,
+    n: int = 40,
+    seed: int = 0,
+    size: int = 256,
+    difficulty: float = 0.5,
     n_unlabeled: int = 0,
 ) -> Path:
     """Write an OCT2017-style data set: {train,val,test}/{CLASS}/{CLASS}-{PATIENT}-{k}.jpeg, `n` images per
