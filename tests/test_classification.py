@@ -107,3 +107,37 @@ def test_shared_oct_mixed_inputs_load_as_one_batch():
     )
     batch = torch.utils.data.default_collate([tds[0], tds[1]])
     assert batch["image"].shape == (2, 3, 224, 224)
+
+
+def test_class_weights_and_balanced_sampling(synth_oct_dir, tmp_path):
+    from medstudent.training.train import class_weights_for, make_loaders, prepare_data
+
+    ds = open_classification(synth_oct_dir)
+    keep = [i for i, it in enumerate(ds.items) if it.subset == "train"]
+    # make the training set imbalanced: drop most NORMAL images
+    normal = ds.class_names.index("NORMAL")
+    drop = [i for i in keep if ds.items[i].label == normal][2:]
+    keep = [i for i in keep if i not in drop]
+    split = split_from_folders(ds)
+    split["folds"][0]["train"] = [ds.items[i].id for i in keep]
+    save_split(split, tmp_path / "s.json")
+    cfg = load_config(
+        "oct_cpu",
+        [
+            f"data.root={synth_oct_dir}",
+            f"data.split={tmp_path / 's.json'}",
+            "loss.class_weights=balanced",
+            "train.balanced_sampling=true",
+            "augment.image_size=32",
+            "train.batch_size=4",
+        ],
+    )
+    prep = prepare_data(cfg)
+    w = class_weights_for(cfg, prep)
+    counts = np.bincount([ds.items[i].label for i in prep.train_idx], minlength=4)
+    np.testing.assert_allclose(w, len(prep.train_idx) / (4 * counts))
+    assert w[normal] == max(w)
+    loader, _ = make_loaders(cfg, prep)
+    torch.manual_seed(0)
+    seen = np.bincount(np.concatenate([b["label"].numpy() for _ in range(8) for b in loader]), minlength=4)
+    assert seen[normal] / seen.sum() > 2 * counts[normal] / counts.sum()  # sampler over-draws the rare class

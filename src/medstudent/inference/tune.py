@@ -37,6 +37,16 @@ def validation_maps(run: Path, tta: str | None = None, progress: Callable[[str],
     return probs, gts, val_ids, pred
 
 
+def _save_val_predictions(folder: Path, probs: list[np.ndarray], ids: list[str]) -> None:
+    """Validation probability maps (uint8 PNG, 0-255) in the run tree, as nnU-Net keeps its predictions."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for p, i in zip(probs, ids, strict=True):
+        p8 = np.round(np.clip(p, 0, 1) * 255).astype(np.uint8)
+        Image.fromarray(p8).save(folder / f"{Path(i).name}.png")
+
+
 def tune_run(
     run: str | Path,
     tta: str | None = None,
@@ -45,6 +55,7 @@ def tune_run(
 ) -> dict:
     run = Path(run)
     probs, gts, ids, pred = validation_maps(run, tta, progress)
+    _save_val_predictions(run / "predictions" / "val", probs, ids)
     best, table = tune_postprocess(probs, gts, grid=grid, base=pred.cfg.postprocess)
     plain = mean_dice([p > 0.5 for p in probs], gts)
     tuned = float(table.iloc[0]["mean_dice"]) if "mean_dice" in table.columns else float("nan")

@@ -7,7 +7,8 @@ runs/<name>/fold_<k>/
   logs/                 CSV and TensorBoard logs
   metrics.json          best validation metric, epochs, minutes, sizes
   training_curves.png
-  predictions/val/      validation probability maps (segmentation) or probabilities.csv (classification)
+  postprocess.json      tuned post-processing (medstudent tune-postprocess), used by predict
+  predictions/val/      validation probability maps written by tune-postprocess
 """
 
 from __future__ import annotations
