@@ -41,6 +41,10 @@ def one_line_errors(fn):
     return wrapper
 
 
+EmptyIfMissing = Annotated[bool, typer.Option(help="an image without annotation is an empty mask")]
+SkipBad = Annotated[bool, typer.Option(help="list unreadable files as skipped instead of failing")]
+
+
 def _kv_table(title: str, mapping: dict) -> Table:
     t = Table(title=title, show_header=False, title_justify="left")
     for k, v in mapping.items():
@@ -56,12 +60,8 @@ def data_check(
         Path, typer.Argument(help="data set folder (labelme, masks, classification or unlabeled)")
     ],
     json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
-    skip_bad: Annotated[
-        bool, typer.Option(help="list unreadable files as skipped instead of failing")
-    ] = False,
-    empty_if_missing: Annotated[
-        bool, typer.Option(help="an image without annotation is an empty mask")
-    ] = False,
+    skip_bad: SkipBad = False,
+    empty_if_missing: EmptyIfMissing = False,
 ) -> None:
     """Read every file and report counts, sizes, modes, classes, empty masks, orphans, duplicates."""
     from medstudent.data.check import check_dataset
@@ -111,9 +111,7 @@ def data_stats(
     root: Annotated[Path, typer.Argument(help="segmentation data set folder")],
     out: Annotated[Path, typer.Option("-o", "--out", help="output folder for CSVs and plots")],
     skip_bad: Annotated[bool, typer.Option(help="skip unreadable files and list them")] = False,
-    empty_if_missing: Annotated[
-        bool, typer.Option(help="an image without annotation is an empty mask")
-    ] = False,
+    empty_if_missing: EmptyIfMissing = False,
 ) -> None:
     """Per-image and per-object lesion statistics (CSV) with objects-per-image and object-area plots."""
     from medstudent.data.stats import write_stats
@@ -147,9 +145,7 @@ def data_split(
     from_folders: Annotated[
         bool, typer.Option(help="classification: use the train/val/test folders as given")
     ] = False,
-    empty_if_missing: Annotated[
-        bool, typer.Option(help="an image without annotation is an empty mask")
-    ] = False,
+    empty_if_missing: EmptyIfMissing = False,
 ) -> None:
     """A fixed test set plus k stratified (and patient-grouped) folds, as a JSON every command accepts."""
     from medstudent.data.layouts import KERMANY_GROUP_REGEX, ClassificationDataset, open_dataset
@@ -316,7 +312,11 @@ def evaluate_cmd(
     out: Annotated[Path, typer.Option("-o", "--out", help="report folder")],
 ) -> None:
     """Score predictions: Dice/IoU/precision/recall per image, or accuracy/F1/AUC/sensitivity/specificity."""
-    from medstudent.evaluation.evaluate import evaluate_classification, evaluate_segmentation
+    from medstudent.evaluation.evaluate import (
+        evaluate_classification,
+        evaluate_segmentation,
+        per_class_table,
+    )
 
     is_cls = pred.suffix == ".csv" or (pred / "predictions.csv").is_file()
     if is_cls:
@@ -333,18 +333,7 @@ def evaluate_cmd(
                 },
             )
         )
-        t = Table(title="per class", title_justify="left")
-        for c in ("class", "sensitivity", "specificity", "accuracy", "support"):
-            t.add_column(c)
-        for r in m["per_class"]:
-            t.add_row(
-                r["class"],
-                f"{r['sensitivity']:.3f}",
-                f"{r['specificity']:.3f}",
-                f"{r['accuracy']:.3f}",
-                str(r["support"]),
-            )
-        console.print(t)
+        console.print(per_class_table(m))
     else:
         s = evaluate_segmentation(pred, gt, out)
         lo, hi = s["mean_dice_ci95"]

@@ -197,7 +197,7 @@ def _demo_oct(out: Path, minutes: float | None, seed: int, console: Console, sma
     from medstudent.data.layouts import open_classification
     from medstudent.data.splits import save_split, split_from_folders
     from medstudent.data.synth import synth_oct
-    from medstudent.evaluation.evaluate import evaluate_classification
+    from medstudent.evaluation.evaluate import evaluate_classification, per_class_table
     from medstudent.inference.folder import collect_images, predict_folder
     from medstudent.inference.predict import load_predictor, predict_probs
     from medstudent.training.train import train
@@ -248,19 +248,7 @@ def _demo_oct(out: Path, minutes: float | None, seed: int, console: Console, sma
         root=data,
     )
     m = evaluate_classification(dest, data / "test", dest / "report")
-    table = Table(
-        title=f"OCT demo: {m['n']} held-out synthetic B-scans (chance = 0.25)", title_justify="left"
-    )
-    for c in ("class", "sensitivity", "specificity", "accuracy", "support"):
-        table.add_column(c)
-    for r in m["per_class"]:
-        table.add_row(
-            r["class"],
-            f"{r['sensitivity']:.3f}",
-            f"{r['specificity']:.3f}",
-            f"{r['accuracy']:.3f}",
-            str(r["support"]),
-        )
+    table = per_class_table(m, f"OCT demo: {m['n']} held-out synthetic B-scans (chance = 0.25)")
     console.print(table)
     console.print(
         f"accuracy {m['accuracy']:.3f} (95% CI {m['accuracy_ci95'][0]:.3f}-{m['accuracy_ci95'][1]:.3f}),"

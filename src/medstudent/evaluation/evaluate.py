@@ -164,3 +164,19 @@ def evaluate_classification(
     if items:
         cls_gallery_png(items, out / "confidently_wrong.png", "most confidently wrong")
     return m
+
+
+def per_class_table(metrics: dict, title: str = "per class"):
+    """The OCT reference's table (sensitivity, specificity, accuracy per class) as a rich Table."""
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for c in ("class", "sensitivity", "specificity", "accuracy", "support"):
+        t.add_column(c)
+    for r in metrics["per_class"]:
+        t.add_row(
+            r["class"],
+            *(f"{r[k]:.3f}" for k in ("sensitivity", "specificity", "accuracy")),
+            str(r["support"]),
+        )
+    return t
