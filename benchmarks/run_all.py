@@ -1,0 +1,28 @@
+"""`make bench`: every benchmark in turn (needs ../shared/data; about 100 minutes on 2 CPU cores).
+
+Each script writes bench_out/<name>/result.json; copy the figures into BENCHMARKS.md with date and machine.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parents[0].parent / "shared" / "data"
+
+
+def main() -> int:
+    if not SHARED.is_dir():
+        print(f"benchmarks need the real data at {SHARED}; it is not there", file=sys.stderr)
+        return 1
+    status = 0
+    for script in ("oct_cpu.py", "stas_cpu.py"):
+        print(f"== {script}", flush=True)
+        status |= subprocess.call([sys.executable, str(HERE / script), *sys.argv[1:]])
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
