@@ -309,7 +309,7 @@ def finish_run(run_dir: Path, trainer: L.Trainer, prep: Prepared, minutes: float
         "best_val_metric": float(best) if best is not None else None,
         "metric": "val_dice" if prep.dataset.task == "segmentation" else "val_acc",
         "epochs": int(trainer.current_epoch),
-        "train_minutes": round(minutes + previous.get("train_minutes", 0.0), 3) if trainer else minutes,
+        "train_minutes": round(minutes + previous.get("train_minutes", 0.0), 3),  # summed over resumes
         "n_train": len(prep.train_idx),
         "n_val": len(prep.val_idx),
         "n_test": len(prep.test_idx),
