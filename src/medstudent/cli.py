@@ -247,6 +247,45 @@ def train_cmd(
         )
 
 
+@app.command("selftrain")
+@one_line_errors
+def selftrain_cmd(
+    config: Annotated[str, typer.Argument(help="YAML config or preset with a `selftrain:` section")],
+    fold: Annotated[int | None, typer.Option(help="fold of the split (default: data.fold)")] = None,
+    split: Annotated[Path | None, typer.Option(help="split JSON from `medstudent data split`")] = None,
+    overrides: SetOpt = None,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted self-training run")] = False,
+    devices: Annotated[str | None, typer.Option(help="devices per node (Lightning), e.g. 2 or auto")] = None,
+    num_nodes: Annotated[int | None, typer.Option(help="number of nodes (torchrun / SLURM)")] = None,
+    strategy: Annotated[str | None, typer.Option(help="auto, ddp, ...")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Noisy Student: teacher -> confident pseudo labels -> noised student, round after round."""
+    from medstudent.config import load_config
+    from medstudent.selftrain import run_selftrain
+
+    extra = [f"train.devices={devices}"] if devices else []
+    extra += [f"train.num_nodes={num_nodes}"] if num_nodes else []
+    extra += [f"train.strategy={strategy}"] if strategy else []
+    extra += [f"data.fold={fold}"] if fold is not None else []
+    cfg = load_config(config, [*(overrides or []), *extra])
+    summary = run_selftrain(
+        cfg, split, resume=resume, progress=not quiet, log=lambda m: console.print(m, highlight=False)
+    )
+    table = Table(title=f"Noisy Student: {summary['root']}", title_justify="left")
+    cols = ["round", "role", "encoder", "pseudo_kept", "pseudo_quality", "val_metric", "test_metric", "gate"]
+    for c in cols:
+        table.add_column(c)
+    for r in summary["rounds"]:
+        table.add_row(*(_cell(r.get(c)) for c in cols))
+    console.print(table)
+    console.print(f"best round: {summary['best_round']} (see summary.md and results.csv in the run)")
+
+
+def _cell(v: object) -> str:
+    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
 @app.command("predict")
 @one_line_errors
 def predict_cmd(

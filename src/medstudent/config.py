@@ -141,23 +141,40 @@ class PredictConfig(Section):
 
 
 class SelfTrainConfig(Section):
-    teacher: str | None = None
-    labeled_fraction: float = 1.0
-    unlabeled: str | None = None
-    unlabeled_fraction: float = 1.0
-    threshold: float = 0.7
-    soft: bool = False
-    balance: bool = True
-    min_confident_fraction: float = 0.9
-    postprocess: bool = False
+    """Noisy Student (`medstudent selftrain`): teacher -> confident pseudo labels -> noised student."""
+
+    teacher: str | None = None  # an existing run (folder/checkpoint/run root) instead of training one
+    labeled_fraction: float = 1.0  # part of the fold's training images that keeps its labels
+    labeled_count: int | None = None  # ... or this many (overrides labeled_fraction)
+    unlabeled: str | None = None  # folder of unlabeled images; default the data set's own; "none" = no
+    unlabeled_fraction: float = 1.0  # part of the pool pseudo-labelled per round (a fresh subset each)
+    threshold: float = 0.7  # confidence a pseudo label (image or pixel) must reach
+    soft: bool = False  # classification: soft (probability) targets instead of argmax labels
+    balance: bool = True  # classification: equalise the kept images per class
+    min_confident_fraction: float = 0.9  # segmentation: keep images with this share of confident pixels
+    postprocess: bool = False  # segmentation: clean pseudo masks with the teacher's post-processing
+    tta: Literal["none", "flip", "d4"] = "flip"  # teacher TTA when pseudo-labelling
     num_students: int = 2
     ensemble_size: int = 1
-    student_encoder: str | None = None
-    student_arch: str | None = None
+    student_encoder: str | list[str] | None = None  # segmentation; a list gives one per student
+    student_arch: str | list[str] | None = None  # classification models are chosen by arch
     student_dropout: float = 0.2
     student_drop_path_rate: float = 0.2
-    student_augment: dict[str, Any] = Field(default_factory=dict)
+    student_augment: dict[str, Any] = Field(default_factory=dict)  # merged into `augment` for students
+    student_overrides: dict[str, Any] = Field(default_factory=dict)  # any other section, e.g. train.epochs
     stop_when_worse: bool = True
+
+    @model_validator(mode="after")
+    def _ranges(self) -> SelfTrainConfig:
+        if not 0 < self.labeled_fraction <= 1:
+            raise ValueError("labeled_fraction must be in (0, 1]")
+        if not 0 < self.unlabeled_fraction <= 1:
+            raise ValueError("unlabeled_fraction must be in (0, 1]")
+        if not 0 <= self.threshold <= 1:
+            raise ValueError("threshold must be in [0, 1]")
+        if self.ensemble_size < 1 or self.num_students < 0:
+            raise ValueError("ensemble_size must be >= 1 and num_students >= 0")
+        return self
 
 
 class RunConfig(Section):

@@ -139,8 +139,13 @@ def make_loaders(cfg: RunConfig, prep: Prepared, extra_train: torch.utils.data.D
         )
         val_bs = t.batch_size
     if extra_train is not None:
+        # Extra samples (pseudo labels) get the very same training transform object, so the student's noise
+        # and the epoch-decaying policy (EpochAwareTransforms) reach every sample.
+        transform = train_ds.transform
+        for part in _leaves(extra_train):
+            part.transform = transform
         train_ds = torch.utils.data.ConcatDataset([train_ds, extra_train])
-        train_ds.transform = getattr(extra_train, "transform", None)  # type: ignore[attr-defined]
+        train_ds.transform = transform  # type: ignore[attr-defined]
     sampler = None
     if t.balanced_sampling and d.task == "classification":
         labels = np.array([ds.items[i].label for i in prep.train_idx])
@@ -166,6 +171,12 @@ def make_loaders(cfg: RunConfig, prep: Prepared, extra_train: torch.utils.data.D
     )
     val_loader = DataLoader(val_ds, batch_size=val_bs, shuffle=False, **kw)
     return train_loader, val_loader
+
+
+def _leaves(ds: torch.utils.data.Dataset) -> list:
+    if isinstance(ds, torch.utils.data.ConcatDataset):
+        return [leaf for d in ds.datasets for leaf in _leaves(d)]
+    return [ds]
 
 
 def class_weights_for(cfg: RunConfig, prep: Prepared) -> list[float] | None:
@@ -237,8 +248,11 @@ def train(
     progress: bool = True,
     extra_train: torch.utils.data.Dataset | None = None,
     run_dir: Path | None = None,
+    prepared: Prepared | None = None,
 ) -> Path:
-    """Train one fold; returns the run folder. `resume` continues from checkpoints/last.ckpt."""
+    """Train one fold; returns the run folder. `resume` continues from checkpoints/last.ckpt.
+
+    `prepared` replaces the data preparation (self-training passes its labeled subset of the fold)."""
     fold = cfg.data.fold if fold is None else fold
     cfg = cfg.model_copy(deep=True)
     cfg.data.fold = fold
@@ -247,7 +261,7 @@ def train(
     torch.set_num_threads(t.threads or max(1, os.cpu_count() or 1))
     L.seed_everything(t.seed, workers=True, verbose=False)
     check_model_config(cfg.model, cfg.data.task)
-    prep = prepare_data(cfg, split_path, fold)
+    prep = prepared or prepare_data(cfg, split_path, fold)
     run_dir = Path(run_dir) if run_dir else run_dir_for(cfg, fold)
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume and not last.is_file():
