@@ -73,6 +73,8 @@ def test_training_lowers_loss_and_writes_run_tree(trained_run):
     assert len(losses) == 3 and losses[-1] < losses[0]
     m = json.loads((run / "metrics.json").read_text())
     assert m["epochs"] == 3 and 0 <= m["best_val_metric"] <= 1 and m["n_test"] == 4
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 2  # refreshed every epoch, also when the validation metric did not improve
 
 
 def test_checkpoint_predict_evaluate_round_trip(trained_run, synth_stas_dir, tmp_path):

@@ -38,6 +38,7 @@ from medstudent.data.transforms import (
     seg_eval_transform,
     seg_train_transform,
 )
+from medstudent.distributed import is_main
 from medstudent.errors import ConfigError, DataError
 from medstudent.models import check_model_config
 from medstudent.training.data import ClsTorchDataset, SegTorchDataset
@@ -107,6 +108,46 @@ class EpochAwareTransforms(Callback):
                 on_step=False,
                 batch_size=1,
             )
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's tensors (sorted keys): equal digests mean identical weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class RankReport(Callback):
+    """Multi-process runs: each rank writes logs/ranks/rank_<r>.json with the training images it saw and a
+    digest of its final weights, so a user can check every rank worked and the replicas stayed in sync."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.seen: list[int] = []
+        self.batches = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches += 1
+        self.seen += [int(i) for i in batch["index"]]
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size <= 1:
+            return
+        out = self.run_dir / "logs" / "ranks"
+        out.mkdir(parents=True, exist_ok=True)
+        report = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "batches": self.batches,
+            "samples": len(self.seen),
+            "indices": sorted(set(self.seen)),
+            "weights_sha256": state_digest(pl_module.model.state_dict()),
+        }
+        (out / f"rank_{trainer.global_rank}.json").write_text(json.dumps(report))
 
 
 def make_loaders(cfg: RunConfig, prep: Prepared, extra_train: torch.utils.data.Dataset | None = None):
@@ -206,12 +247,28 @@ def build_trainer(
         filename="best",
         monitor=monitor,
         mode="max",
-        save_last=True,
         save_top_k=1,
         auto_insert_metric_name=False,
         enable_version_counter=False,
     )
-    callbacks: list[Callback] = [ckpt, EpochAwareTransforms(), LearningRateMonitor(logging_interval="epoch")]
+    # last.ckpt from its own callback: Lightning 2.6 refreshes `save_last` only in epochs where the best
+    # improved, which would make --resume restart from a stale epoch.
+    last = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="last",
+        monitor=None,
+        save_top_k=1,
+        every_n_epochs=1,
+        save_on_train_epoch_end=True,
+        enable_version_counter=False,
+    )
+    callbacks: list[Callback] = [
+        ckpt,
+        last,
+        EpochAwareTransforms(),
+        LearningRateMonitor(logging_interval="epoch"),
+        RankReport(run_dir),
+    ]
     if progress:
         callbacks.append(RichProgressBar(leave=True))
     loggers = [
@@ -266,14 +323,21 @@ def train(
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume and not last.is_file():
         raise DataError(last, "cannot resume: no last checkpoint in this run folder")
-    if not resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+    main = is_main()  # other ranks (DDP) rerun this function; only rank 0 checks and writes the run folder
+    if (
+        main
+        and not resume
+        and (run_dir / "checkpoints").exists()
+        and any((run_dir / "checkpoints").iterdir())
+    ):
         raise DataError(
             run_dir, "already holds checkpoints; pass --resume to continue or choose another name"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.data.split = str(run_dir / "split.json")
-    save_split(prep.split, run_dir / "split.json")
-    save_config(cfg, run_dir / "config.yaml")
+    if main:
+        save_split(prep.split, run_dir / "split.json")
+        save_config(cfg, run_dir / "config.yaml")
     train_loader, val_loader = make_loaders(cfg, prep, extra_train)
     steps = max(1, len(train_loader) // max(1, t.accumulate))
     module = TaskModule(
