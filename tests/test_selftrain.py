@@ -122,7 +122,9 @@ def test_student_config_adds_noise_and_larger_encoder(synth_stas_dir, tmp_path):
     assert s1.augment.randaugment == 0.5 and s1.train.epochs == 3
     with pytest.raises(ConfigError):
         student_config(
-            cfg.model_copy(update={"selftrain": cfg.selftrain.model_copy(update={"student_overrides": {"x": 1}})}),
+            cfg.model_copy(
+                update={"selftrain": cfg.selftrain.model_copy(update={"student_overrides": {"x": 1}})}
+            ),
             1,
         )
 
@@ -191,11 +193,15 @@ def test_segmentation_selftrain_two_rounds_then_resume(synth_stas_dir, tmp_path,
     for r in (1, 2):
         pseudo = pd.read_csv(root / f"round_{r}" / "pseudo" / "pseudo.csv")
         stats = json.loads((root / f"round_{r}" / "pseudo" / "stats.json").read_text())
-        assert stats["predicted"] == len(pseudo) == round(0.5 * (len(plan["hidden"]) + len(plan["unlabeled"])))
+        assert (
+            stats["predicted"] == len(pseudo) == round(0.5 * (len(plan["hidden"]) + len(plan["unlabeled"])))
+        )
         hidden = pseudo[pseudo["source"] == "hidden"]
         assert hidden["dice"].between(0, 1).all() and hidden["pixel_precision"].between(0, 1).all()
         for name in pseudo.loc[pseudo["kept"] == 1, "mask"]:
-            m = np.asarray(__import__("PIL.Image").Image.open(root / f"round_{r}" / "pseudo" / "masks" / name))
+            m = np.asarray(
+                __import__("PIL.Image").Image.open(root / f"round_{r}" / "pseudo" / "masks" / name)
+            )
             assert set(np.unique(m)) <= {0, 1, IGNORE}
     r1 = set(pd.read_csv(root / "round_1" / "pseudo" / "pseudo.csv")["id"])
     r2 = set(pd.read_csv(root / "round_2" / "pseudo" / "pseudo.csv")["id"])
@@ -203,16 +209,25 @@ def test_segmentation_selftrain_two_rounds_then_resume(synth_stas_dir, tmp_path,
     table = pd.read_csv(root / "summary.csv")
     assert table["round"].tolist() == [0, 1, 2] and table["val_metric"].between(0, 1).all()
     results = pd.read_csv(root / "results.csv")
-    assert {"dataset", "method", "fold", "dice"} <= set(results.columns)
-    assert set(results["method"]) == {"teacher", "student_1", "student_2"}
-    cfg2 = json.loads(json.dumps(__import__("yaml").safe_load((root / "round_2" / "config.yaml").read_text())))
+    assert list(results.columns) == ["dataset", "method", "fold", "mean_dice"]
+    assert results["method"].tolist() == ["teacher", "student_1", "student_2"]
+    assert results["mean_dice"].tolist() == table["val_metric"].tolist()
+    assert pd.read_csv(root / "test_results.csv")["mean_dice"].tolist() == table["test_metric"].tolist()
+    cfg2 = json.loads(
+        json.dumps(__import__("yaml").safe_load((root / "round_2" / "config.yaml").read_text()))
+    )
     assert cfg2["model"]["dropout"] == 0.1 and cfg2["model"]["drop_path_rate"] == 0.1
 
 
 def test_gate_stops_when_the_student_is_not_better(synth_stas_dir, tmp_path, monkeypatch):
     cfg = load_config(
         "stas_cpu",
-        [f"data.root={synth_stas_dir}", f"train.output_dir={tmp_path}", *SEG, "selftrain.stop_when_worse=true"],
+        [
+            f"data.root={synth_stas_dir}",
+            f"train.output_dir={tmp_path}",
+            *SEG,
+            "selftrain.stop_when_worse=true",
+        ],
     )
     scores = iter([0.8, 0.7, 0.6, 0.5])  # teacher val/test, then student 1 val/test
     monkeypatch.setattr(st_loop, "score_round", lambda *a, **k: next(scores))
@@ -272,7 +287,47 @@ def test_selftrain_without_a_pool_is_a_clear_error(synth_oct_dir, tmp_path):
     save_split(split_from_folders(ds), tmp_path / "split.json")
     cfg = load_config(
         "oct_cpu",
-        [f"data.root={synth_oct_dir}", f"data.split={tmp_path / 'split.json'}", f"train.output_dir={tmp_path}"],
+        [
+            f"data.root={synth_oct_dir}",
+            f"data.split={tmp_path / 'split.json'}",
+            f"train.output_dir={tmp_path}",
+        ],
     )
     with pytest.raises(ConfigError, match="unlabeled"):
         run_selftrain(cfg, progress=False, log=lambda m: None)
+
+
+def test_cv_runs_noisy_student_per_fold(synth_oct_dir, tmp_path):
+    """`medstudent cv` on a config with a selftrain section cross-validates Noisy Student: each fold is a
+    self-training run and the fold is scored with its best round's models."""
+    from medstudent.experiments.cv import run_cv
+
+    cfg = load_config(
+        "oct_cpu",
+        [
+            f"data.root={synth_oct_dir}",
+            f"train.output_dir={tmp_path / 'runs'}",
+            "train.name=nscv",
+            "data.n_folds=2",
+            "model.arch=resnet10t",
+            "model.pretrained=none",
+            "augment.image_size=32",
+            "train.epochs=1",
+            "train.max_minutes=null",
+            "train.threads=1",
+            "predict.tta=none",
+            "selftrain.labeled_fraction=0.5",
+            "selftrain.threshold=0.0",
+            "selftrain.num_students=1",
+            "selftrain.stop_when_worse=false",
+            "selftrain.tta=none",
+        ],
+    )
+    res = run_cv(cfg)
+    for k in (0, 1):
+        fold = res.root / f"fold_{k}"
+        state = json.loads((fold / "selftrain.json").read_text())
+        assert state["best_round"] == 1 and (fold / "round_1" / "checkpoints" / "best.ckpt").is_file()
+        own = pd.read_csv(fold / "results.csv")  # the fold's own teacher-vs-student table
+        assert own["method"].tolist() == ["teacher", "student_1"]
+    assert len(res.folds) == 2 and res.folds["accuracy"].between(0, 1).all()

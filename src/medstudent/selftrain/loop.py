@@ -8,7 +8,8 @@ runs/<name>/
   round_<r>/pseudo/            pseudo labels made by round r-1 for round r (CSV, masks, stats.json)
   round_<r>/                   student r, trained on labeled + pseudo-labeled images with noise
   summary.csv / summary.md     teacher vs students: pseudo-label statistics, validation and test metrics
-  results.csv                  long format (dataset, method, fold, metric) for `medstudent compare`
+  results.csv                  validation scores per round in the long format `medstudent compare` reads
+  test_results.csv             the same for the fold's test images
 
 Each round's model(s) are scored on the fold's validation set with the full prediction pipeline; a student
 that does not beat its teacher there stops the loop (when selftrain.stop_when_worse), and the log says so.
@@ -35,6 +36,7 @@ from medstudent.data.layouts import (
     UnlabeledDataset,
     open_unlabeled,
 )
+from medstudent.distributed import barrier, gather, is_main, shard
 from medstudent.errors import ConfigError, DataError
 from medstudent.selftrain.pseudo import pseudo_mask_agreement, seg_pseudo_mask, select_cls_pseudo
 
@@ -95,6 +97,15 @@ def _open_pool_unlabeled(cfg: RunConfig, ds) -> UnlabeledDataset | None:
     return UnlabeledDataset(root=ds.root, images=list(extra)) if extra else None
 
 
+def _wait_for(path: Path, seconds: float = 600) -> None:
+    """Ranks > 0 wait for a file rank 0 writes (they may start before it does under torchrun)."""
+    end = time.time() + seconds
+    while not path.is_file():
+        if time.time() > end:
+            raise DataError(path, f"rank 0 did not write it within {seconds:.0f} s")
+        time.sleep(1)
+
+
 def make_plan(cfg: RunConfig, root: Path, split_path: str | Path | None = None) -> Plan:
     """Labeled subset, hidden-label pool and unlabeled pool of the configured fold; saved to plan.json the
     first time and read back afterwards, so a resumed run uses the very same images."""
@@ -107,6 +118,8 @@ def make_plan(cfg: RunConfig, root: Path, split_path: str | Path | None = None) 
     ids = ds.ids()
     unl = _open_pool_unlabeled(cfg, ds)
     plan_file = root / "plan.json"
+    if not is_main():
+        _wait_for(plan_file)
     if plan_file.is_file():
         saved = json.loads(plan_file.read_text())
         index = {i: n for n, i in enumerate(ids)}
@@ -178,6 +191,8 @@ class State:
         return self.doc["rounds"].setdefault(str(r), {"round": r})
 
     def save(self) -> None:
+        if not is_main():
+            return
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.doc, indent=1))
         tmp.replace(self.path)  # atomic: an interruption never leaves half a state file
@@ -289,16 +304,19 @@ def score_round(dirs: list[Path], cfg: RunConfig, plan: Plan, which: str) -> flo
         return None
     predict, _ = _predict_fn(dirs, cfg, cfg.predict.tta)
     ds = plan.dataset
-    if isinstance(ds, SegmentationDataset):
-        preds, gts = [], []
-        for i in idx:
+    grouped = in_process_group()
+    scores: list[float] = []
+    for i in shard(idx) if grouped else idx:
+        if isinstance(ds, SegmentationDataset):
             img, gt = ds.load(i)
             p = predict(img)
-            preds.append(p > 0.5 if p.ndim == 2 else p.argmax(0) > 0)
-            gts.append(gt > 0)
-        return float(per_image_dice(preds, gts).mean())
-    hits = [int(np.argmax(predict(ds.load_image(i)))) == ds.items[i].label for i in idx]
-    return float(np.mean(hits))
+            pred = p > 0.5 if p.ndim == 2 else p.argmax(0) > 0
+            scores.append(float(per_image_dice([pred], [gt > 0])[0]))
+        else:
+            scores.append(float(int(np.argmax(predict(ds.load_image(i)))) == ds.items[i].label))
+    if grouped:
+        scores = [v for part in gather(scores) for v in part]
+    return float(np.mean(scores))
 
 
 def _choose_pool(plan: Plan, st: SelfTrainConfig, r: int, used: set[str], seed: int) -> list[PoolItem]:
@@ -321,17 +339,22 @@ def make_pseudo_labels(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Predict the pool subset with the (ensembled, TTA'd) teacher and keep confident pseudo labels.
-    Writes out/pseudo.csv (+ out/masks/*.png for segmentation) and out/stats.json; returns the stats."""
+    Writes out/pseudo.csv (+ out/masks/*.png for segmentation) and out/stats.json; returns the stats.
+
+    In a multi-process run (after Lightning's DDP set up the process group) each rank predicts its share of
+    the images; rank 0 gathers the rows and writes the tables."""
     st = cfg.selftrain
     assert st is not None
     predict, predictors = _predict_fn(teacher_dirs, cfg, st.tta)
     ds = plan.dataset
     seg = isinstance(ds, SegmentationDataset)
-    out.mkdir(parents=True, exist_ok=True)
-    probs: list = []  # (C,) probabilities (classification) or (mask, confident fraction) (segmentation)
-    ok: list[PoolItem] = []
+    (out / "masks" if seg else out).mkdir(parents=True, exist_ok=True)
+    grouped = in_process_group()
+    mine = shard(items) if grouped else items
+    results: list = []  # segmentation: table rows; classification: (item, probabilities)
     skipped: list[str] = []
-    for n, item in enumerate(items):
+    post = predictors[0].postprocess if st.postprocess else None
+    for n, item in enumerate(mine):
         try:
             img = _load_pool_image(plan, item)
             p = predict(img)
@@ -339,22 +362,42 @@ def make_pseudo_labels(
             skipped.append(str(e))
             warnings.warn(f"skipped: {e}", stacklevel=2)
             continue
-        if seg:
-            p = _seg_pseudo(p, predictors[0].postprocess if st.postprocess else None, st.threshold)
-        probs.append(p)
-        ok.append(item)
+        results.append(
+            _seg_row(item, *_seg_pseudo(p, post, st.threshold), plan, st, out) if seg else (item, p)
+        )
         if (n + 1) % 25 == 0:
-            log(f"pseudo-labelled {n + 1}/{len(items)}")
-    stats = (
-        _write_seg_pseudo(ok, probs, plan, st, out)
-        if seg
-        else _write_cls_pseudo(ok, probs, plan, st, out, cfg)
-    )
+            log(f"pseudo-labelled {n + 1}/{len(mine)}")
+    if grouped:
+        results = [r for part in gather(results) for r in part]
+        skipped = [s for part in gather(skipped) for s in part]
+    if seg:
+        results.sort(key=lambda r: r["id"])
+        stats = _seg_stats(results)
+        if is_main():
+            _write_csv(out / "pseudo.csv", results)
+    else:
+        results.sort(key=lambda r: r[0].id)
+        stats = _cls_pseudo(results, plan, st, out, cfg)
     stats.update(
-        {"predicted": len(ok), "skipped": skipped, "tta": st.tta, "teachers": [str(d) for d in teacher_dirs]}
+        {
+            "predicted": len(results),
+            "skipped": skipped,
+            "tta": st.tta,
+            "teachers": [str(d) for d in teacher_dirs],
+        }
     )
-    (out / "stats.json").write_text(json.dumps(stats, indent=1))
+    if is_main():
+        (out / "stats.json").write_text(json.dumps(stats, indent=1))
+    if grouped:
+        barrier()  # the other ranks read the tables rank 0 just wrote
     return stats
+
+
+def in_process_group() -> bool:
+    """True inside a multi-process group (then work is sharded and gathered)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _seg_pseudo(prob: np.ndarray, post, threshold: float) -> tuple[np.ndarray, float]:
@@ -365,28 +408,29 @@ def _seg_pseudo(prob: np.ndarray, post, threshold: float) -> tuple[np.ndarray, f
     return seg_pseudo_mask(prob, threshold, hard)
 
 
-def _write_seg_pseudo(items, packed, plan: Plan, st: SelfTrainConfig, out: Path) -> dict[str, Any]:
-    (out / "masks").mkdir(exist_ok=True)
-    rows = []
-    ds = plan.dataset
-    for item, (mask, frac) in zip(items, packed, strict=True):
-        keep = frac >= st.min_confident_fraction
-        row: dict[str, Any] = {
-            "id": item.id,
-            "source": item.source,
-            "index": item.index,
-            "confident_fraction": round(frac, 5),
-            "kept": int(keep),
-        }
-        if item.source == "hidden":
-            truth = ds.load_mask(item.index, (mask.shape[1], mask.shape[0]))  # type: ignore[union-attr]
-            row.update({k: round(v, 5) for k, v in pseudo_mask_agreement(mask, truth).items()})
-        if keep:
-            name = item.id.replace("/", "__") + ".png"
-            Image.fromarray(mask).save(out / "masks" / name)
-            row["mask"] = name
-        rows.append(row)
-    _write_csv(out / "pseudo.csv", rows)
+def _seg_row(
+    item: PoolItem, mask: np.ndarray, frac: float, plan: Plan, st: SelfTrainConfig, out: Path
+) -> dict[str, Any]:
+    """One pseudo mask: written to out/masks when kept; scored against the hidden label when there is one."""
+    keep = frac >= st.min_confident_fraction
+    row: dict[str, Any] = {
+        "id": item.id,
+        "source": item.source,
+        "index": item.index,
+        "confident_fraction": round(frac, 5),
+        "kept": int(keep),
+    }
+    if item.source == "hidden":
+        truth = plan.dataset.load_mask(item.index, (mask.shape[1], mask.shape[0]))  # type: ignore[union-attr]
+        row.update({k: round(v, 5) for k, v in pseudo_mask_agreement(mask, truth).items()})
+    if keep:
+        name = item.id.replace("/", "__") + ".png"
+        Image.fromarray(mask).save(out / "masks" / name)
+        row["mask"] = name
+    return row
+
+
+def _seg_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
     kept = [r for r in rows if r["kept"]]
     scored = [r for r in kept if "dice" in r]
     return {
@@ -400,9 +444,11 @@ def _write_seg_pseudo(items, packed, plan: Plan, st: SelfTrainConfig, out: Path)
     }
 
 
-def _write_cls_pseudo(
-    items, probs, plan: Plan, st: SelfTrainConfig, out: Path, cfg: RunConfig
+def _cls_pseudo(
+    results: list[tuple[PoolItem, np.ndarray]], plan: Plan, st: SelfTrainConfig, out: Path, cfg: RunConfig
 ) -> dict[str, Any]:
+    items = [item for item, _ in results]
+    probs = [p for _, p in results]
     ds = plan.dataset
     names = ds.class_names
     table = np.stack(probs) if probs else np.zeros((0, len(names)))
@@ -421,7 +467,8 @@ def _write_cls_pseudo(
         if item.source == "hidden":
             row["hidden_label"] = names[ds.items[item.index].label]  # type: ignore[union-attr]
         rows.append(row)
-    _write_csv(out / "pseudo.csv", rows, fields=_cls_fields(names))
+    if is_main():
+        _write_csv(out / "pseudo.csv", rows, fields=_cls_fields(names))
     hidden_rows = [r for r in rows if "hidden_label" in r]
     return {
         "task": "classification",
@@ -527,15 +574,17 @@ def run_selftrain(
         raise ConfigError(None, "selftrain.ensemble_size must be >= 1 and num_students >= 0")
     root = Path(cfg.train.output_dir) / cfg.train.name
     state_file = root / "selftrain.json"
-    if state_file.is_file() and not resume:
+    main = is_main()  # DDP ranks > 0 run this loop too (for training and sharded prediction), writing nothing
+    if main and state_file.is_file() and not resume:
         raise DataError(
             root, "already holds a self-training run; pass --resume to continue or choose another name"
         )
     root.mkdir(parents=True, exist_ok=True)
     state = State(state_file)
-    save_config(cfg, root / "config.yaml")
     plan = make_plan(cfg, root, split_path)
-    (root / "split.json").write_text(json.dumps(plan.prep.split, indent=1))
+    if main:
+        save_config(cfg, root / "config.yaml")
+        (root / "split.json").write_text(json.dumps(plan.prep.split, indent=1))
     log(
         f"self-training {cfg.train.name}: {len(plan.prep.train_idx)} labeled, "
         f"{sum(p.source == 'hidden' for p in plan.pool)} hidden-label + "
@@ -617,7 +666,7 @@ def _evaluate_round(rec: dict, dirs: list[Path], cfg: RunConfig, plan: Plan, rol
         "members": len(dirs),
         "val_metric": score_round(dirs, cfg, plan, "val"),
         "test_metric": score_round(dirs, cfg, plan, "test"),
-        "metric": "dice" if cfg.data.task == "segmentation" else "accuracy",
+        "metric": "mean_dice" if cfg.data.task == "segmentation" else "accuracy",
         "minutes": round((time.time() - start) / 60, 2),
     }
 
@@ -656,19 +705,43 @@ def write_summary(root: Path, state: State, cfg: RunConfig) -> dict[str, Any]:
             "val_metric": rec.get("val_metric"), "test_metric": rec.get("test_metric"),
             "gate": rec.get("gate", "teacher" if rec["round"] == 0 else ""), "minutes": rec.get("minutes"),
         })  # fmt: skip
+    best = state.doc.get("best_round")
+    best_dirs = state.doc["rounds"].get(str(best), {}).get("dirs", []) if best is not None else []
+    summary = {"root": str(root), "rounds": rows, "best_round": best, "best_dirs": best_dirs}
+    if not is_main():
+        return summary
     _write_csv(root / "summary.csv", rows, fields=SUMMARY_FIELDS)
     lines = ["| " + " | ".join(SUMMARY_FIELDS) + " |", "|" + "---|" * len(SUMMARY_FIELDS)]
     lines += ["| " + " | ".join(_fmt(r.get(f)) for f in SUMMARY_FIELDS) + " |" for r in rows]
     (root / "summary.md").write_text("\n".join(lines) + "\n")
-    metric = "dice" if cfg.data.task == "segmentation" else "accuracy"
-    dataset = Path(cfg.data.root).name
-    results = []
-    for r in rows:
-        for split_name in ("val", "test"):
-            if r[f"{split_name}_metric"] is not None:
-                results.append({
-                    "dataset": dataset, "method": r["role"], "fold": cfg.data.fold, "split": split_name,
-                    metric: r[f"{split_name}_metric"],
-                })  # fmt: skip
-    _write_csv(root / "results.csv", results, fields=["dataset", "method", "fold", "split", metric])
-    return {"root": str(root), "rounds": rows, "best_round": state.doc.get("best_round")}
+    from medstudent.experiments.cv import primary_metric
+    from medstudent.experiments.results import write_results
+
+    metric = primary_metric(cfg.data.task)  # mean_dice | accuracy, as `cv` writes them
+    dataset = Path(cfg.data.root).resolve().name
+    for split_name, fname in (("val", "results.csv"), ("test", "test_results.csv")):
+        rows_out = [
+            {
+                "dataset": dataset,
+                "method": r["role"],
+                "fold": cfg.data.fold,
+                metric: r[f"{split_name}_metric"],
+            }
+            for r in rows
+            if r[f"{split_name}_metric"] is not None
+        ]
+        if rows_out:
+            write_results(rows_out, root / fname)
+    return summary
+
+
+def selftrain_fold(cfg: RunConfig, split_path: Path, fold: int, fold_dir: Path) -> list[Path]:
+    """`medstudent cv` / `tune` fold runner: Noisy Student on one fold in fold_dir (resumed when it holds
+    a started run); returns the model folders of the best round, which cv scores on the fold's val set."""
+    c = cfg.model_copy(deep=True)
+    c.data.fold = fold
+    c.train.output_dir = str(Path(fold_dir).parent)
+    c.train.name = Path(fold_dir).name
+    resume = (Path(fold_dir) / "selftrain.json").is_file()
+    summary = run_selftrain(c, split_path, resume=resume, progress=False, log=lambda _m: None)
+    return [Path(d) for d in summary["best_dirs"]]
