@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from medstudent.distributed import gather, rank_world, shard
@@ -77,16 +76,37 @@ def test_ddp_two_cpu_processes_train_in_sync(synth_stas_dir, tmp_path):
     assert state_digest(state) == reports[1]["weights_sha256"] == reports[0]["weights_sha256"]
 
 
-@pytest.mark.parametrize("world", [2])
-def test_predict_shards_images_across_ranks(world, tmp_path):
-    """torchrun-style environment: each rank takes every world-th image; together they cover all, once."""
-    images = [f"img_{i}.png" for i in range(7)]
-    parts = []
-    for rank in range(world):
-        code = f"import json,os;from medstudent.distributed import shard;print(json.dumps(shard({images!r})))"
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world)}
-        out = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+def test_predict_folder_shards_images_across_ranks(tmp_path):
+    """torchrun-style environment, 2 ranks at once: each predicts every other image, rank 0 merges one CSV."""
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for i in range(7):
+        Image.fromarray(np.full((8, 8, 3), i * 30, np.uint8)).save(src / f"img_{i}.png")
+    code = (
+        "import os, numpy as np; from medstudent.inference.folder import collect_images, predict_folder;"
+        "files = collect_images({!r});"
+        "predict_folder(lambda im: np.array([1 - im.mean() / 255, im.mean() / 255]), 'classification',"
+        " files, {!r}, ['dark', 'bright'], root={!r}, on_image=lambda n, t, p: print(p.name, flush=True))"
+    ).format(str(src), str(tmp_path / "out"), str(src))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"},
+            stdout=subprocess.PIPE,
+            text=True,
         )
-        parts.append(json.loads(out.stdout))
-    assert sorted(sum(parts, [])) == sorted(images) and all(parts)
+        for r in (0, 1)
+    ]
+    seen = [set(p.communicate(timeout=120)[0].split()) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert len(seen[0] | seen[1]) == 7
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    assert table["id"].tolist() == [f"img_{i}.png" for i in range(7)]
+    assert (table["predicted"] == ["dark"] * 5 + ["bright"] * 2).all()
+    assert not list((tmp_path / "out").glob(".rank_*"))

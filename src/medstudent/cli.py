@@ -215,6 +215,16 @@ def synth(
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="override a config value: a.b=v (repeatable)")
 ]
+DevicesOpt = Annotated[str | None, typer.Option(help="devices per node (Lightning), e.g. 2 or auto")]
+NodesOpt = Annotated[int | None, typer.Option(help="number of nodes (torchrun / SLURM)")]
+StrategyOpt = Annotated[str | None, typer.Option(help="auto, ddp, ...")]
+
+
+def _scale_out(devices: str | None, num_nodes: int | None, strategy: str | None) -> list[str]:
+    """--devices/--num-nodes/--strategy as config overrides (Lightning launches or joins the ranks)."""
+    extra = [f"train.devices={devices}"] if devices else []
+    extra += [f"train.num_nodes={num_nodes}"] if num_nodes else []
+    return extra + ([f"train.strategy={strategy}"] if strategy else [])
 
 
 @app.command("train")
@@ -225,18 +235,16 @@ def train_cmd(
     split: Annotated[Path | None, typer.Option(help="split JSON from `medstudent data split`")] = None,
     overrides: SetOpt = None,
     resume: Annotated[bool, typer.Option(help="continue from the run's last checkpoint")] = False,
-    devices: Annotated[str | None, typer.Option(help="devices per node (Lightning), e.g. 2 or auto")] = None,
-    num_nodes: Annotated[int | None, typer.Option(help="number of nodes (torchrun / SLURM)")] = None,
-    strategy: Annotated[str | None, typer.Option(help="auto, ddp, ...")] = None,
+    devices: DevicesOpt = None,
+    num_nodes: NodesOpt = None,
+    strategy: StrategyOpt = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Train a model; writes runs/<name>/fold_<k>/ (config, checkpoints, logs, metrics, curves)."""
     from medstudent.config import load_config
     from medstudent.training.train import ensemble_members, train
 
-    extra = [f"train.devices={devices}"] if devices else []
-    extra += [f"train.num_nodes={num_nodes}"] if num_nodes else []
-    extra += [f"train.strategy={strategy}"] if strategy else []
+    extra = _scale_out(devices, num_nodes, strategy)
     cfg = load_config(config, [*(overrides or []), *extra])
     for member in ensemble_members(cfg):
         run = train(member, fold=fold, split_path=split, resume=resume, progress=not quiet)
@@ -255,18 +263,16 @@ def selftrain_cmd(
     split: Annotated[Path | None, typer.Option(help="split JSON from `medstudent data split`")] = None,
     overrides: SetOpt = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted self-training run")] = False,
-    devices: Annotated[str | None, typer.Option(help="devices per node (Lightning), e.g. 2 or auto")] = None,
-    num_nodes: Annotated[int | None, typer.Option(help="number of nodes (torchrun / SLURM)")] = None,
-    strategy: Annotated[str | None, typer.Option(help="auto, ddp, ...")] = None,
+    devices: DevicesOpt = None,
+    num_nodes: NodesOpt = None,
+    strategy: StrategyOpt = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Noisy Student: teacher -> confident pseudo labels -> noised student, round after round."""
     from medstudent.config import load_config
     from medstudent.selftrain import run_selftrain
 
-    extra = [f"train.devices={devices}"] if devices else []
-    extra += [f"train.num_nodes={num_nodes}"] if num_nodes else []
-    extra += [f"train.strategy={strategy}"] if strategy else []
+    extra = _scale_out(devices, num_nodes, strategy)
     extra += [f"data.fold={fold}"] if fold is not None else []
     cfg = load_config(config, [*(overrides or []), *extra])
     summary = run_selftrain(
@@ -449,12 +455,15 @@ def cv_cmd(
     dataset: Annotated[str | None, typer.Option(help="data set name in results (default: data.root)")] = None,
     method: Annotated[str | None, typer.Option(help="method name in results (default: train.name)")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    devices: DevicesOpt = None,
+    num_nodes: NodesOpt = None,
+    strategy: StrategyOpt = None,
 ) -> None:
     """Cross-validation: train every fold (resuming finished ones), out-of-fold predictions, mean +- sd."""
     from medstudent.config import load_config
     from medstudent.experiments.cv import run_cv
 
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, [*(overrides or []), *_scale_out(devices, num_nodes, strategy)])
     res = run_cv(
         cfg,
         n_folds=folds,
@@ -466,6 +475,8 @@ def cv_cmd(
         dataset=dataset,
         method=method,
     )
+    if res is None:  # a DDP rank > 0: rank 0 reports
+        return
     metrics = res.summary["metrics"]
     t = Table(title=f"cross-validation: {res.root}", title_justify="left")
     t.add_column("fold")

@@ -8,6 +8,7 @@ process group Lightning left behind, or create one (gloo on CPU, NCCL on GPU) fr
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -15,6 +16,10 @@ T = TypeVar("T")
 
 
 def _dist():
+    """torch.distributed, or None when unavailable. Without torch imported there can be no process group,
+    so this does not import it (the ONNX runner and split tools stay torch-free)."""
+    if "torch" not in sys.modules:
+        return None
     import torch.distributed as dist
 
     return dist if dist.is_available() else None
@@ -43,13 +48,15 @@ def is_main() -> bool:
 
 def ensure_group() -> bool:
     """Join (or create) the default process group when the run has several ranks; False when single."""
-    dist = _dist()
     _, world = rank_world()
-    if dist is None or world <= 1:
+    if world <= 1:
+        return False
+    import torch
+
+    dist = _dist()
+    if dist is None:
         return False
     if not dist.is_initialized():
-        import torch
-
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
     return True

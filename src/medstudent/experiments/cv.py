@@ -38,6 +38,7 @@ import pandas as pd
 
 from medstudent.config import RunConfig
 from medstudent.data.splits import fold_ids, load_split, save_split
+from medstudent.distributed import is_main
 from medstudent.errors import ConfigError, DataError
 from medstudent.experiments.results import write_results
 
@@ -220,6 +221,8 @@ def _fold_job(
     fold_dir = Path(root) / f"fold_{fold}"
     start = time.time()
     outcome = runner(cfg, Path(split_path), fold, fold_dir)
+    if not is_main():  # DDP ranks > 0 only help training; rank 0 scores and records the fold
+        return {"fold": fold, "models": [], "metrics": {}, "minutes": 0.0}
     if isinstance(outcome, Mapping):
         models: list[Path] = []
         metrics = {str(k): float(v) for k, v in outcome.items()}
@@ -284,7 +287,7 @@ def resolve_split(cfg: RunConfig, root: Path, split_path: str | Path | None, n_f
         split, src = new_split(cfg, n_folds), None
     if n_folds is not None and len(split["folds"]) != n_folds:
         raise ConfigError(src or target, f"has {len(split['folds'])} fold(s), but {n_folds} were asked for")
-    if src is None or src.resolve() != target.resolve():
+    if is_main() and (src is None or src.resolve() != target.resolve()):
         save_split(split, target)
     return target
 
@@ -333,6 +336,8 @@ def load_manifest(root: Path, cfg: RunConfig | None = None) -> dict:
 
 
 def _save_manifest(root: Path, doc: dict) -> None:
+    if not is_main():
+        return
     tmp = root / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1))
     tmp.replace(root / MANIFEST)
@@ -344,6 +349,9 @@ def folder_lock(root: Path) -> Iterator[None]:
     import fcntl
 
     root.mkdir(parents=True, exist_ok=True)
+    if not is_main():  # DDP ranks > 0 rerun the command beside rank 0, which holds the lock
+        yield
+        return
     with open(root / ".cv.lock", "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -430,7 +438,7 @@ def run_cv(
     dataset: str | None = None,
     method: str | None = None,
     root: str | Path | None = None,
-) -> CVResult:
+) -> CVResult | None:
     """Cross-validate `cfg`: every fold (or `folds`) of the split, resuming from the manifest.
 
     `run_method` trains one fold (default: `resolve_fold_runner(cfg)`); with fold_parallel > 1 it must be a
@@ -497,6 +505,8 @@ def run_cv(
                     record(_fold_job(cfg_doc, str(split_file), k, str(root), runner))
                 if on_fold:
                     on_fold(k, manifest["folds"][str(k)]["metrics"])
+        if not is_main():
+            return None
         dataset = dataset or Path(cfg.data.root).resolve().name
         method = method or cfg.train.name
         return _aggregate(root, manifest, wanted, cfg, split, dataset, method, test, say)

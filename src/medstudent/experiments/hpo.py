@@ -238,6 +238,8 @@ def objective_value(
     res = run_cv(
         cfg, folds=list(range(folds)) if folds else None, run_method=run_method, on_fold=on_fold, log=log
     )
+    if res is None:
+        raise ConfigError(None, "tune runs its trials single-process; launch workers instead of DDP ranks")
     return float(res.summary["metrics"][metric]["mean"])
 
 

@@ -5,7 +5,9 @@ for classification a CSV of per-class probabilities. One bad image is reported a
 from __future__ import annotations
 
 import csv
+import json
 import os
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +17,7 @@ from PIL import Image
 
 from medstudent.data.io import list_images, read_image, write_mask_png
 from medstudent.data.labelme import mask_to_labelme, write_labelme
+from medstudent.distributed import rank_world
 from medstudent.errors import DataError
 from medstudent.inference.postprocess import postprocess
 
@@ -63,6 +66,9 @@ def predict_folder(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    rank, world = rank_world()
+    n_all = len(images)
+    images = images[rank::world]  # several ranks (torchrun / srun / --devices): every world-th image each
     skipped: list[str] = []
     rows: list[dict] = []
     for n, path in enumerate(images):
@@ -101,6 +107,11 @@ def predict_folder(
             row["predicted"] = class_names[int(np.argmax(probs))]
             row["confidence"] = float(np.max(probs))
             rows.append(row)
+    if world > 1:
+        merged = _merge_ranks(out, rank, world, rows, skipped)
+        if merged is None:  # ranks > 0: rank 0 writes the tables
+            return {"images": len(images), "predicted": len(rows), "skipped": skipped, "rank": rank}
+        rows, skipped = merged
     if task == "classification" and rows:
         with open(out / "predictions.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -108,4 +119,29 @@ def predict_folder(
             w.writerows(rows)
     if skipped:
         (out / "skipped.txt").write_text("\n".join(skipped) + "\n")
-    return {"images": len(images), "predicted": len(rows), "skipped": skipped}
+    return {"images": n_all, "predicted": len(rows), "skipped": skipped}
+
+
+def _merge_ranks(
+    out: Path, rank: int, world: int, rows: list[dict], skipped: list[str], timeout: float = 6 * 3600
+) -> tuple[list[dict], list[str]] | None:
+    """Gather the ranks' rows through files (no process group needed, so the torch-free ONNX path works
+    too): every rank writes its part; rank 0 waits for all parts, merges them in image order, removes them."""
+    part = out / f".rank_{rank}.json"
+    tmp = part.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"rows": rows, "skipped": skipped}))
+    tmp.replace(part)
+    if rank != 0:
+        return None
+    parts = [out / f".rank_{r}.json" for r in range(world)]
+    end = time.time() + timeout
+    while not all(p.is_file() for p in parts):
+        if time.time() > end:
+            missing = [p.name for p in parts if not p.is_file()]
+            raise DataError(out, f"ranks did not finish: {', '.join(missing)} missing")
+        time.sleep(0.5)
+    docs = [json.loads(p.read_text()) for p in parts]
+    for p in parts:
+        p.unlink()
+    all_rows = sorted((r for d in docs for r in d["rows"]), key=lambda r: str(r.get("path", r["id"])))
+    return all_rows, [s for d in docs for s in d["skipped"]]
