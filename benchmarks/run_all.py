@@ -1,6 +1,7 @@
 """`make bench`: every benchmark in turn (needs ../shared/data; about 100 minutes on 2 CPU cores).
 
-Each script writes bench_out/<name>/result.json; copy the figures into BENCHMARKS.md with date and machine.
+Each script writes bench_out/<name>/result.json (onnx_speed.py: bench_out/onnx_speed.json, about 20 minutes);
+copy the figures into BENCHMARKS.md with date and machine.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ def main() -> int:
         print(f"benchmarks need the real data at {SHARED}; it is not there", file=sys.stderr)
         return 1
     status = 0
-    for script in ("oct_cpu.py", "stas_cpu.py"):
+    for script in ("oct_cpu.py", "stas_cpu.py", "onnx_speed.py"):  # onnx_speed needs stas_cpu's model
         print(f"== {script}", flush=True)
         status |= subprocess.call([sys.executable, str(HERE / script), *sys.argv[1:]])
     return status

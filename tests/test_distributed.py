@@ -110,3 +110,44 @@ def test_predict_folder_shards_images_across_ranks(tmp_path):
     assert table["id"].tolist() == [f"img_{i}.png" for i in range(7)]
     assert (table["predicted"] == ["dark"] * 5 + ["bright"] * 2).all()
     assert not list((tmp_path / "out").glob(".rank_*"))
+
+
+def test_predict_devices_two_processes_matches_single(synth_oct_dir, tmp_path):
+    """`predict --devices 2` starts two ranks that share the images; the merged CSV equals one process's."""
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from medstudent.cli import app
+    from medstudent.config import load_config
+    from medstudent.training.train import train
+
+    cfg = load_config(
+        "oct_cpu",
+        [
+            f"data.root={synth_oct_dir}",
+            f"train.output_dir={tmp_path}",
+            "train.name=p2",
+            "model.arch=resnet10t",
+            "model.pretrained=none",
+            "augment.image_size=32",
+            "train.epochs=1",
+            "train.max_minutes=null",
+            "train.threads=1",
+        ],
+    )
+    run = train(cfg, progress=False)
+    images = synth_oct_dir / "test"
+    single = CliRunner().invoke(app, ["predict", str(run), "-i", str(images), "-o", str(tmp_path / "one")])
+    assert single.exit_code == 0, single.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    args = [str(BIN / "medstudent"), "predict", str(run), "-i", str(images), "-o", str(tmp_path / "two")]
+    res = subprocess.run([*args, "--devices", "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    a = pd.read_csv(tmp_path / "one" / "predictions.csv")
+    b = pd.read_csv(tmp_path / "two" / "predictions.csv")
+    assert len(a) == len(list(images.rglob("*.jpeg"))) > 2
+    assert a["id"].tolist() == b["id"].tolist()
+    probs = [c for c in a.columns if c.startswith("p_")]
+    assert (a[probs] - b[probs]).abs().to_numpy().max() < 1e-5

@@ -278,3 +278,16 @@ def test_lr_schedules():
     step = OptimConfig(scheduler="step", step_size=7, gamma=0.1)
     assert lr_factor(69, step, 10, 20) == 1.0 and lr_factor(70, step, 10, 20) == pytest.approx(0.1)
     assert lr_factor(140, step, 10, 20) == pytest.approx(0.01)
+
+
+def test_a_single_sample_last_batch_is_dropped(synth_stas_dir, tmp_path):
+    """BatchNorm cannot train on a batch of one: a remainder of exactly one sample is dropped."""
+    from medstudent.training.train import make_loaders, prepare_data
+
+    cfg = tiny_cfg(synth_stas_dir, tmp_path)
+    prep = prepare_data(cfg)
+    ids = list(range(len(prep.dataset)))
+    for n, batches in ((9, 2), (10, 3), (8, 2)):
+        prep.train_idx = ids[:n]
+        train_loader, _ = make_loaders(cfg, prep)
+        assert len(train_loader) == batches, n

@@ -295,7 +295,10 @@ def _cell(v: object) -> str:
 @app.command("predict")
 @one_line_errors
 def predict_cmd(
-    runs: Annotated[list[Path], typer.Argument(help="run folders, checkpoints, or run roots (all folds)")],
+    runs: Annotated[
+        list[Path],
+        typer.Argument(help="run folders, checkpoints, run roots (all folds); onnx: one exported folder"),
+    ],
     images: Annotated[Path, typer.Option("-i", "--images", help="an image, a folder, or a data set root")],
     out: Annotated[Path, typer.Option("-o", "--out", help="output folder")],
     tta: Annotated[str | None, typer.Option(help="none | flip | d4 (default: the run's predict.tta)")] = None,
@@ -307,9 +310,52 @@ def predict_cmd(
     tile: Annotated[
         int | None, typer.Option(help="force sliding-window inference with this tile size")
     ] = None,
-    bf16: Annotated[bool, typer.Option(help="bf16 autocast on CPU")] = False,
+    bf16: Annotated[bool, typer.Option(help="bf16 autocast on CPU (torch engine)")] = False,
+    engine: Annotated[
+        str, typer.Option(help="torch (run folders) or onnx (a `medstudent export` folder, no torch)")
+    ] = "torch",
+    budget_seconds: Annotated[
+        float | None,
+        typer.Option(
+            "--budget-seconds",
+            help="seconds per image: measure, then pick the TTA passes and models that fit",
+        ),
+    ] = None,
+    devices: Annotated[
+        int, typer.Option(help="processes that share the images (under torchrun/srun: the launcher's ranks)")
+    ] = 1,
 ) -> None:
     """Predict masks (segmentation) or class probabilities (classification) for a folder of images."""
+    from medstudent.distributed import launch_local, rank_world
+
+    if devices > 1 and rank_world()[1] == 1:  # start the ranks; each predicts every devices-th image
+        raise typer.Exit(launch_local(devices))
+    if engine not in ("torch", "onnx"):
+        raise DataError(None, f"--engine must be torch or onnx, got '{engine}'")
+    if engine == "onnx":
+        from medstudent.runner import predict_onnx_folder
+
+        if len(runs) != 1:
+            raise DataError(None, "--engine onnx takes one exported model folder")
+        if bf16:
+            raise DataError(None, "--bf16 is for the torch engine")
+        with console.status("predicting (ONNX Runtime)") as status:
+            summary = predict_onnx_folder(
+                runs[0],
+                images,
+                out,
+                tta=tta,
+                ensemble=ensemble,
+                budget_seconds=budget_seconds,
+                tile=tile,
+                postprocess=postprocess,
+                save_probs=probs,
+                save_labelme=labelme,
+                save_overlays=overlays,
+                on_image=lambda n, total, p: status.update(f"predicting {n + 1}/{total}: {p.name}"),
+            )
+        _report_prediction(summary, len(summary["members"]), out)
+        return
     from medstudent.inference.folder import collect_images, predict_folder
     from medstudent.inference.predict import expand_runs, load_predictor, predict_probs
 
@@ -318,13 +364,21 @@ def predict_cmd(
     tta = tta or first.cfg.predict.tta
     ensemble = ensemble or first.cfg.predict.ensemble
     files = collect_images(images)
-    post = first.postprocess if postprocess else None
-    if post is not None and ensemble == "vote":
-        post = post.model_copy(update={"threshold": 0.5, "hysteresis": False})  # strict majority of votes
+    precision = "bf16" if bf16 else "32"
+    plan = None
+    if budget_seconds is not None:
+        from medstudent.inference.export import plan_torch_budget
+
+        plan = plan_torch_budget(predictors, files, budget_seconds, tta, precision=precision, tile=tile)
+        if plan is not None:
+            tta, predictors = plan.tta, [predictors[i] for i in plan.members]
+    from medstudent.inference.postprocess import for_ensemble
+
+    post = for_ensemble(first.postprocess, ensemble) if postprocess else None
     with console.status("predicting") as status:
         summary = predict_folder(
             lambda img: predict_probs(
-                predictors, img, tta=tta, ensemble=ensemble, precision="bf16" if bf16 else "32", tile=tile
+                predictors, img, tta=tta, ensemble=ensemble, precision=precision, tile=tile
             ),
             first.task,
             files,
@@ -337,14 +391,58 @@ def predict_cmd(
             root=images if images.is_dir() else None,
             on_image=lambda n, total, p: status.update(f"predicting {n + 1}/{total}: {p.name}"),
         )
+    summary.update({"tta": tta, "ensemble": ensemble, "plan": plan.to_dict() if plan else None})
+    _report_prediction(summary, len(predictors), out)
+
+
+def _report_prediction(summary: dict, n_models: int, out: Path) -> None:
+    if summary.get("plan"):
+        from medstudent.runner.budget import BudgetPlan
+
+        console.print(BudgetPlan(**summary["plan"]).summary(), highlight=False, soft_wrap=True)
     console.print(
-        f"{summary['predicted']}/{summary['images']} image(s) predicted with {len(predictors)} "
-        f"model(s), TTA {tta}, ensemble {ensemble} -> {out}"
+        f"{summary['predicted']}/{summary['images']} image(s) predicted with {n_models} "
+        f"model(s), TTA {summary['tta']}, ensemble {summary['ensemble']} -> {out}",
+        soft_wrap=True,
     )
     for s in summary["skipped"]:
         err_console.print(f"[yellow]skipped:[/] {s}", highlight=False, soft_wrap=True)
     if summary["skipped"]:
         raise typer.Exit(1)
+
+
+@app.command("export")
+@one_line_errors
+def export_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="run folders, checkpoints, or run roots (all folds)")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="folder for the ONNX graphs and pipeline.json")],
+    tta: Annotated[str | None, typer.Option(help="none | flip | d4 (default: the run's predict.tta)")] = None,
+    ensemble: Annotated[str | None, typer.Option(help="mean | vote (default: the run's)")] = None,
+    weights: Annotated[
+        str | None, typer.Option(help="ensemble weights, comma-separated, one per model (default: equal)")
+    ] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset (>= 17)")] = 17,
+    int8: Annotated[
+        bool, typer.Option("--int8", help="also write dynamically quantised int8 graphs (off until checked)")
+    ] = False,
+) -> None:
+    """Export runs to ONNX (dynamic height/width) plus pipeline.json, for `predict --engine onnx`."""
+    from medstudent.inference.export import export_runs, parse_weights
+
+    spec = export_runs(
+        runs,
+        out,
+        tta=tta,
+        ensemble=ensemble,
+        weights=parse_weights(weights),
+        opset=opset,
+        int8=int8,
+        progress=lambda m: console.print(m, highlight=False, soft_wrap=True),
+    )
+    console.print(
+        f"{len(spec['members'])} model(s), {spec['task']}, TTA {spec['tta']}, ensemble "
+        f"{spec['ensemble']['mode']} -> {out / 'pipeline.json'}"
+    )
 
 
 @app.command("evaluate")

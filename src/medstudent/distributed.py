@@ -81,3 +81,18 @@ def gather(obj: Any) -> list[Any]:
 def barrier() -> None:
     if ensure_group():
         _dist().barrier()
+
+
+def launch_local(n: int) -> int:
+    """Run this very command as n local ranks (RANK/WORLD_SIZE set, CPU threads split between them) and
+    wait for all; returns the worst exit status. For commands that shard by rank without a process group
+    (`predict --devices N`); training is launched by Lightning instead."""
+    import subprocess
+
+    threads = max(1, (os.cpu_count() or 1) // n)
+    procs = []
+    for r in range(n):
+        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(n)}
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+        procs.append(subprocess.Popen([sys.executable, *sys.argv], env=env))
+    return max(p.wait() for p in procs)

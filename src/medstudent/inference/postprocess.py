@@ -187,6 +187,14 @@ def fill_border_objects(mask: np.ndarray) -> np.ndarray:
     return mask | on_border[labels]
 
 
+def for_ensemble(cfg: PostprocessConfig, ensemble: str) -> PostprocessConfig:
+    """The post-processing for an ensemble mode: a vote map (fraction of members) is cut at 0.5 without
+    hysteresis, i.e. a strict majority; mean probabilities keep the tuned setting."""
+    if ensemble == "vote":
+        return cfg.model_copy(update={"threshold": 0.5, "hysteresis": False})
+    return cfg
+
+
 def postprocess(prob: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
     """Probability map (HxW float in [0, 1]) -> uint8 0/1 mask, steps in the module's order."""
     prob = _as_prob(prob)

@@ -88,12 +88,18 @@ def load_predictor(path: str | Path, device: str = "cpu") -> Predictor:
     state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
     model.eval().to(device)
+    if cfg.train.channels_last:  # oneDNN convolutions are faster in NHWC (with bf16 ~1.4x over eager fp32)
+        model = model.to(memory_format=torch.channels_last)
     run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
     post = cfg.postprocess
     tuned = run_dir / "postprocess.json"
     if tuned.is_file():
         post = PostprocessConfig.model_validate(json.loads(tuned.read_text()))
     return Predictor(model, cfg, list(hp["class_names"]), ckpt_path, post)
+
+
+def _memory_format(pred: Predictor, t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last) if pred.cfg.train.channels_last else t
 
 
 def _autocast(precision: str):
@@ -126,7 +132,7 @@ def predict_seg_probs(
 
     def net(t: torch.Tensor) -> torch.Tensor:
         with _autocast(precision):
-            logits = pred.model(t)
+            logits = pred.model(_memory_format(pred, t))
         logits = logits.float()
         return torch.sigmoid(logits) if binary else torch.softmax(logits, 1)
 
@@ -163,7 +169,7 @@ def predict_cls_probs(
 
     def net(t: torch.Tensor) -> torch.Tensor:
         with _autocast(precision):
-            return torch.softmax(pred.model(t).float(), 1)
+            return torch.softmax(pred.model(_memory_format(pred, t)).float(), 1)
 
     if tta == "none":
         return net(x)[0].numpy()

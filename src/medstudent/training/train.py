@@ -206,7 +206,9 @@ def make_loaders(cfg: RunConfig, prep: Prepared, extra_train: torch.utils.data.D
         batch_size=t.batch_size,
         shuffle=sampler is None,
         sampler=sampler,
-        drop_last=t.drop_last and len(train_ds) > t.batch_size,
+        # a final batch of one sample would break BatchNorm in training mode ("expected more than 1 value
+        # per channel"), so it is dropped even without train.drop_last
+        drop_last=len(train_ds) > t.batch_size and (t.drop_last or len(train_ds) % t.batch_size == 1),
         generator=g,
         **kw,
     )

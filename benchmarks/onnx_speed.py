@@ -1,0 +1,225 @@
+"""Benchmark (issue 7): torch eager vs ONNX Runtime on full-size STAS images with the stas_cpu model.
+
+Exports the trained `bench_out/stas_cpu/stas_cpu/fold_0` run (fp32 + int8 dynamic quantisation), then, on 20
+of its 64 held-out test images at full size (1716x942), measures seconds per image of every variant without
+TTA and with flip TTA, in one process, interleaved image by image (the variant order rotates) so that load
+from other processes hits all variants alike. Time = preprocessing + network (+ TTA) + resizing back to full
+size, i.e. the probability map `predict` thresholds; image decoding and post-processing (identical for all
+variants) are left out, post-processing time is reported on its own. Dice: mean over images, with the run's
+tuned post-processing (what `predict` writes) and with a plain 0.5 threshold, against the ground truth.
+Also a network-only timing at the model's input size (480x864). Writes bench_out/onnx_speed.json.
+
+    .venv/bin/python benchmarks/onnx_speed.py [--images 20] [--run bench_out/stas_cpu/stas_cpu/fold_0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import platform
+import time
+import warnings
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "stas"
+RUN = ROOT / "bench_out" / "stas_cpu" / "stas_cpu" / "fold_0"
+TTAS = ("none", "flip")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", type=Path, default=RUN)
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--images", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench_out" / "onnx_speed.json")
+    ap.add_argument("--export-dir", type=Path, default=ROOT / "bench_out" / "onnx_export" / "stas_cpu")
+    args = ap.parse_args()
+    if not (args.run / "checkpoints" / "best.ckpt").is_file():
+        print(f"no trained stas_cpu run at {args.run}: run benchmarks/stas_cpu.py first")
+        return 1
+    warnings.filterwarnings("ignore")
+    import torch
+
+    from medstudent.data.layouts import open_segmentation
+    from medstudent.evaluation.metrics import per_image_dice
+    from medstudent.inference.export import export_runs
+    from medstudent.inference.postprocess import postprocess
+    from medstudent.inference.predict import load_predictor, predict_seg_probs
+    from medstudent.runner import OnnxPipeline
+    from medstudent.runner.onnx_runner import usable_cores
+
+    cores = usable_cores()
+    torch.set_num_threads(cores)
+    load_start = os.getloadavg()
+    t0 = time.perf_counter()
+    spec = export_runs([args.run], args.export_dir, tta="flip", int8=True)
+    export_s = time.perf_counter() - t0
+    pred = load_predictor(args.run)
+    pred_cl = dataclasses.replace(pred, model=copy.deepcopy(pred.model).to(memory_format=torch.channels_last))
+    fp32 = OnnxPipeline(args.export_dir, threads=cores)
+    int8 = OnnxPipeline(args.export_dir, threads=cores, int8=True)
+
+    variants: dict[str, Callable[[np.ndarray, str], np.ndarray]] = {
+        "torch eager fp32": lambda img, tta: predict_seg_probs(pred, img, tta, "32"),
+        "torch eager fp32, channels-last": lambda img, tta: predict_seg_probs(pred_cl, img, tta, "32"),
+        "torch bf16 autocast, channels-last": lambda img, tta: predict_seg_probs(pred_cl, img, tta, "bf16"),
+        "ONNX Runtime fp32": lambda img, tta: fp32.predict_probs(img, tta=tta),
+        "ONNX Runtime int8 (dynamic)": lambda img, tta: int8.predict_probs(img, tta=tta),
+    }
+    names = list(variants)
+    ds = open_segmentation(args.data)
+    split = json.loads((args.run / "split.json").read_text())
+    index = {i: k for k, i in enumerate(ds.ids())}
+    test_ids = split["test"][: args.images]
+    post = pred.postprocess
+
+    # warm-up (first runs allocate buffers and create oneDNN primitives), on the first image
+    img0, _ = ds.load(index[test_ids[0]])
+    for fn in variants.values():
+        for tta in TTAS:
+            fn(img0, tta)
+
+    secs = {(n, t): [] for n in names for t in TTAS}
+    dice = {(n, t): [] for n in names for t in TTAS}  # per image, post-processed
+    dice_thr = {(n, t): [] for n in names for t in TTAS}  # per image, threshold 0.5
+    max_diff = {(n, t): 0.0 for n in names for t in TTAS}
+    mask_px = {(n, t): 0 for n in names for t in TTAS}
+    post_s: list[float] = []
+    for i, tid in enumerate(test_ids):
+        img, gt = ds.load(index[tid])
+        gt = gt > 0
+        order = names[i % len(names) :] + names[: i % len(names)]
+        out: dict[tuple[str, str], np.ndarray] = {}
+        for n in order:
+            for tta in TTAS:
+                t = time.perf_counter()
+                out[(n, tta)] = variants[n](img, tta)
+                secs[(n, tta)].append(time.perf_counter() - t)
+        masks = {}
+        for (n, tta), p in out.items():
+            t = time.perf_counter()
+            masks[(n, tta)] = postprocess(p, post)
+            post_s.append(time.perf_counter() - t)
+            dice[(n, tta)].append(float(per_image_dice([masks[(n, tta)]], [gt])[0]))
+            dice_thr[(n, tta)].append(float(per_image_dice([p > 0.5], [gt])[0]))
+        for tta in TTAS:
+            ref = out[("torch eager fp32", tta)]
+            for n in names:
+                max_diff[(n, tta)] = max(max_diff[(n, tta)], float(np.abs(out[(n, tta)] - ref).max()))
+                mask_px[(n, tta)] += int((masks[(n, tta)] != masks[("torch eager fp32", tta)]).sum())
+        print(f"{i + 1}/{len(test_ids)} {tid}", flush=True)
+
+    rows = []
+    for n in names:
+        for tta in TTAS:
+            s = np.asarray(secs[(n, tta)])
+            base = np.asarray(secs[("torch eager fp32", tta)])
+            rows.append(
+                {
+                    "variant": n,
+                    "tta": tta,
+                    "s_per_image_mean": float(s.mean()),
+                    "s_per_image_median": float(np.median(s)),
+                    "speedup_vs_torch_fp32": float(base.mean() / s.mean()),
+                    "speedup_vs_torch_fp32_median_of_ratios": float(np.median(base / s)),
+                    "mean_dice_postprocessed": float(np.mean(dice[(n, tta)])),
+                    "mean_dice_threshold_0.5": float(np.mean(dice_thr[(n, tta)])),
+                    "max_abs_prob_diff_vs_torch_fp32": max_diff[(n, tta)],
+                    "mask_pixels_differing_vs_torch_fp32": mask_px[(n, tta)],
+                }
+            )
+    by = {(r["variant"], r["tta"]): r for r in rows}
+    for r in rows:
+        r["dice_diff_vs_torch_fp32"] = (
+            r["mean_dice_postprocessed"] - by[("torch eager fp32", r["tta"])]["mean_dice_postprocessed"]
+        )
+
+    # network only, at the model's input size for these images (858x471 padded to 864x480)
+    x = np.random.default_rng(0).standard_normal((1, 3, 480, 864)).astype(np.float32)
+    xt = torch.from_numpy(x)
+
+    def torch_net(model: torch.nn.Module, bf16: bool) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                model(xt)
+
+        return run
+
+    nets = {
+        "torch eager fp32": torch_net(pred.model, False),
+        "torch eager fp32, channels-last": torch_net(pred_cl.model, False),
+        "torch bf16 autocast, channels-last": torch_net(pred_cl.model, True),
+        "ONNX Runtime fp32": lambda: fp32.members[0].run(x),
+        "ONNX Runtime int8 (dynamic)": lambda: int8.members[0].run(x),
+    }
+    net_s: dict[str, list[float]] = {n: [] for n in nets}
+    for _ in range(7):
+        for n, f in nets.items():
+            t = time.perf_counter()
+            f()
+            net_s[n].append(time.perf_counter() - t)
+    net = {n: float(np.median(v)) for n, v in net_s.items()}
+
+    onnx32 = [by[("ONNX Runtime fp32", t)] for t in TTAS]
+    q8 = [by[("ONNX Runtime int8 (dynamic)", t)] for t in TTAS]
+    int8_dice_ok = all(
+        abs(a["mean_dice_postprocessed"] - b["mean_dice_postprocessed"]) <= 0.005
+        for a, b in zip(q8, onnx32, strict=True)
+    )
+    int8_faster = all(a["s_per_image_mean"] < b["s_per_image_mean"] for a, b in zip(q8, onnx32, strict=True))
+    res = {
+        "date": str(date.today()),
+        "machine": f"{platform.machine()}, {cores} usable cores ({os.cpu_count()} reported)",
+        "caveat": "the CPU is shared with other processes; ratios are more reliable than absolute times",
+        "load_average_start_end": [list(load_start), list(os.getloadavg())],
+        "data": f"{args.data}: {len(test_ids)} held-out test images of {args.run / 'split.json'}, full size",
+        "run": str(args.run),
+        "images": test_ids,
+        "export_seconds": export_s,
+        "export_max_abs_diff": spec["members"][0]["export_max_abs_diff"],
+        "versions": spec["versions"],
+        "threads": {"torch": torch.get_num_threads(), "onnxruntime_intra_op": cores},
+        "postprocess": post.model_dump(),
+        "postprocess_s_per_image": float(np.mean(post_s)),
+        "results": rows,
+        "network_only_s_480x864": net,
+        "network_only_speedup_onnx_fp32_vs_torch_fp32": net["torch eager fp32"] / net["ONNX Runtime fp32"],
+        "target_onnx_speedup_2_5x_met": {
+            t: by[("ONNX Runtime fp32", t)]["speedup_vs_torch_fp32"] >= 2.5 for t in TTAS
+        },
+        "target_same_dice_0_001_met": {
+            t: abs(by[("ONNX Runtime fp32", t)]["dice_diff_vs_torch_fp32"]) <= 0.001 for t in TTAS
+        },
+        "int8": {
+            "dice_within_0_005_of_fp32": int8_dice_ok,
+            "faster_than_fp32": int8_faster,
+            "kept": int8_dice_ok and int8_faster,
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=1))
+    print(
+        f"{'variant':38s} {'tta':5s} {'s/img':>7s} {'x fp32':>7s} {'Dice':>7s} {'dDice':>8s} {'max|dp|':>9s}"
+    )
+    for r in rows:
+        print(
+            f"{r['variant']:38s} {r['tta']:5s} {r['s_per_image_mean']:7.3f} "
+            f"{r['speedup_vs_torch_fp32']:7.2f} "
+            f"{r['mean_dice_postprocessed']:7.4f} {r['dice_diff_vs_torch_fp32']:+8.4f} "
+            f"{r['max_abs_prob_diff_vs_torch_fp32']:9.2e}"
+        )
+    print("network only (s):", json.dumps(net))
+    print("int8:", res["int8"], f"-> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,336 @@
+"""Export trained runs to ONNX plus `pipeline.json`, the whole inference contract for the torch-free runner.
+
+One graph per model (`member_<k>.onnx`, input `input` NCHW float32 with dynamic batch, height and width,
+output `probs`: the sigmoid / softmax is inside the graph, so the runner gets probabilities exactly as the
+PyTorch predictor computes them). `pipeline.json` holds everything else `medstudent.runner` needs to
+reproduce `inference.predict.predict_probs` + `inference.folder.predict_folder` without torch: each member's
+preprocessing contract (`data.transforms.eval_contract`), the sliding-window rule (tile, overlap, when to
+tile), the TTA set, ensemble mode and weights, the post-processing, class names and the versions it was
+exported with.
+
+The legacy TorchScript-based exporter (`dynamo=False`) is used: it gives dynamic H/W for smp/timm models
+in one call, while the dynamo exporter needs onnxscript and symbolic shape constraints per architecture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+import warnings
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medstudent.errors import DataError
+from medstudent.inference.predict import Predictor, expand_runs, load_predictor
+from medstudent.inference.tta import TTA_SETS
+
+PIPELINE_FILE = "pipeline.json"
+PIPELINE_FORMAT = "medstudent-onnx-pipeline"
+PIPELINE_VERSION = 1
+MIN_OPSET = 17
+SIGMA_SCALE = 0.125  # MONAI's default Gaussian window sigma (fraction of the tile), as predict_seg_probs
+SW_BATCH_SIZE = 2  # windows per forward pass, as predict_seg_probs
+
+
+class _Probabilities(nn.Module):
+    """The model followed by its output activation, so the graph returns probabilities."""
+
+    def __init__(self, model: nn.Module, activation: str):
+        super().__init__()
+        self.model = model
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.model(x).float()
+        return torch.sigmoid(y) if self.activation == "sigmoid" else torch.softmax(y, 1)
+
+
+def _activation(pred: Predictor) -> str:
+    return "sigmoid" if pred.binary else "softmax"
+
+
+def _versions(opset: int) -> dict[str, str | int]:
+    import onnx
+    import onnxruntime
+
+    import medstudent
+
+    out: dict[str, str | int] = {
+        "medstudent": medstudent.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "opset": opset,
+    }
+    for mod in ("timm", "segmentation_models_pytorch"):
+        with contextlib.suppress(ImportError):  # both are dependencies
+            out[mod] = __import__(mod).__version__
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _example_input(pred: Predictor) -> torch.Tensor:
+    c = pred.contract
+    if pred.task == "segmentation":
+        return torch.zeros(1, 3, 64, 96)
+    s = int(c.get("image_size") or c.get("center_crop") or 64)
+    return torch.zeros(1, int(c["in_channels"]), s, s)
+
+
+def export_model(pred: Predictor, path: str | Path, opset: int = MIN_OPSET) -> Path:
+    """Write one predictor's model (with its output activation) as an ONNX graph with dynamic B/H/W."""
+    if opset < MIN_OPSET:
+        raise DataError(path, f"opset {opset} is too old; {MIN_OPSET} or newer is needed")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    net = _Probabilities(pred.model, _activation(pred)).eval()
+    dyn = {0: "batch", 2: "height", 3: "width"}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings about Python-side shape checks in smp/timm
+        torch.onnx.export(
+            net,
+            (_example_input(pred),),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["input"],
+            output_names=["probs"],
+            dynamic_axes={"input": dyn, "probs": dyn},
+            do_constant_folding=True,
+        )
+    return path
+
+
+def check_export(pred: Predictor, path: str | Path, shapes: list[tuple[int, int]] | None = None) -> float:
+    """Largest |probability difference| between the graph (ONNX Runtime) and the torch model on random
+    inputs of a few sizes (segmentation: also odd multiples of 32, to prove height/width are dynamic)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    net = _Probabilities(pred.model, _activation(pred)).eval()
+    c = pred.contract
+    if shapes is None:
+        if pred.task == "segmentation":
+            shapes = [(64, 96), (160, 128)]
+        else:
+            s = int(c.get("image_size") or c.get("center_crop") or 64)
+            shapes = [(s, s)]
+    channels = int(c["in_channels"])
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for h, w in shapes:
+        x = rng.standard_normal((1, channels, h, w)).astype(np.float32)
+        with torch.no_grad():
+            ref = net(torch.from_numpy(x)).numpy()
+        got = sess.run(None, {"input": x})[0]
+        if got.shape != ref.shape:
+            raise DataError(
+                path, f"exported graph gives shape {got.shape} for input {x.shape}, torch {ref.shape}"
+            )
+        worst = max(worst, float(np.abs(got - ref).max()))
+    return worst
+
+
+def quantize_int8(src: str | Path, dst: str | Path) -> Path:
+    """ONNX Runtime dynamic int8 quantisation (weights uint8, activations quantised on the fly)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.disable(logging.WARNING)  # it logs a "consider pre-processing" advice on the root logger
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8)
+    finally:
+        logging.disable(logging.NOTSET)
+    return Path(dst)
+
+
+def _member_entry(pred: Predictor, file: str, weight: float, check: float | None) -> dict[str, Any]:
+    p = pred.cfg.predict
+    return {
+        "file": file,
+        "weight": float(weight),
+        "source": str(pred.source),
+        "arch": pred.cfg.model.arch,
+        "encoder": pred.cfg.model.encoder,
+        "activation": _activation(pred),
+        "preprocess": pred.contract,
+        "sliding_window": {
+            # predict_seg_probs: tile when a tile is set or the padded input has more than
+            # max_full_pixels pixels; tile size rounded down to a multiple of 32 (default 512)
+            "tile": p.tile,
+            "default_tile": 512,
+            "max_full_pixels": int(p.max_full_pixels),
+            "overlap": float(p.overlap),
+            "mode": "gaussian",
+            "sigma_scale": SIGMA_SCALE,
+            "padding": "constant 0 (normalised), centred, when the input is smaller than the tile",
+            "sw_batch_size": SW_BATCH_SIZE,
+        },
+        "export_max_abs_diff": check,
+    }
+
+
+def export_runs(
+    runs: list[str | Path],
+    out: str | Path,
+    *,
+    tta: str | None = None,
+    ensemble: str | None = None,
+    weights: list[float] | None = None,
+    opset: int = MIN_OPSET,
+    int8: bool = False,
+    check: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Export run folders / checkpoints / run roots (all folds = an ensemble) to `out`; returns the pipeline.
+
+    tta / ensemble default to the first run's `predict.tta` / `predict.ensemble`; weights (one per member,
+    default equal) are stored normalised. int8 also writes `member_<k>.int8.onnx` (dynamic quantisation)
+    and records them with `"use": false`: switch them on only after checking accuracy (see BENCHMARKS.md).
+    """
+    say = progress or (lambda _msg: None)
+    out = Path(out)
+    paths = expand_runs(list(runs))
+    if not paths:
+        raise DataError(None, "export: no runs given")
+    preds = [load_predictor(p) for p in paths]
+    first = preds[0]
+    if any(p.task != first.task for p in preds):
+        raise DataError(None, "cannot export segmentation and classification runs as one ensemble")
+    if any(p.class_names != first.class_names for p in preds):
+        raise DataError(paths[1], f"class names differ from {paths[0]}'s; cannot ensemble")
+    tta = tta or first.cfg.predict.tta
+    if tta not in TTA_SETS:
+        raise DataError(None, f"unknown TTA '{tta}' (none, flip, d4)")
+    ensemble = ensemble or first.cfg.predict.ensemble
+    if ensemble not in ("mean", "vote"):
+        raise DataError(None, f"unknown ensemble mode '{ensemble}' (mean, vote)")
+    w = np.ones(len(preds)) if weights is None else np.asarray(weights, dtype=float)
+    if w.shape != (len(preds),) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise DataError(None, f"export: need {len(preds)} non-negative weight(s), got {weights}")
+    w = w / w.sum()
+    out.mkdir(parents=True, exist_ok=True)
+    members = []
+    for k, (pred, path) in enumerate(zip(preds, paths, strict=True)):
+        t0 = time.perf_counter()
+        file = f"member_{k}.onnx"
+        export_model(pred, out / file, opset)
+        diff = check_export(pred, out / file) if check else None
+        entry = _member_entry(pred, file, float(w[k]), diff)
+        entry["sha256"] = _sha256(out / file)
+        if int8:
+            q = quantize_int8(out / file, out / f"member_{k}.int8.onnx")
+            entry["int8_file"] = q.name
+        members.append(entry)
+        say(f"exported {path} -> {out / file} in {time.perf_counter() - t0:.1f} s (max |diff| {diff})")
+    spec: dict[str, Any] = {
+        "format": PIPELINE_FORMAT,
+        "format_version": PIPELINE_VERSION,
+        "task": first.task,
+        "class_names": first.class_names,
+        "binary": bool(first.binary),
+        "input": {
+            "name": "input",
+            "dtype": "float32",
+            "layout": "NCHW",
+            "dynamic": ["batch", "height", "width"],
+        },
+        "output": {"name": "probs", "meaning": "sigmoid (binary) or softmax over axis 1, float32"},
+        "tta": tta,
+        "tta_sets": {k: [list(op) for op in v] for k, v in TTA_SETS.items()},
+        "tta_note": (
+            "segmentation: ops (quarter turns, flip width, flip height), flips first; the inverse maps each "
+            "output back before the mean. classification: any set other than none = image + horizontal mirror"
+        ),
+        "ensemble": {"mode": ensemble, "weights": [float(v) for v in w]},
+        "postprocess": first.postprocess.model_dump(mode="json") if first.task == "segmentation" else None,
+        "postprocess_note": "applied to binary maps; with vote ensembles threshold 0.5 and no hysteresis",
+        "members": members,
+        "int8": {
+            "available": bool(int8),
+            "use": False,
+            "method": "onnxruntime quantize_dynamic, uint8 weights",
+        },
+        "versions": _versions(opset),
+        "exported": {"date": str(date.today()), "machine": f"{platform.machine()}, {os.cpu_count()} cores"},
+    }
+    (out / PIPELINE_FILE).write_text(json.dumps(spec, indent=1))
+    return spec
+
+
+# ------------------------------------------------------------------------------ torch engine under a budget
+def torch_member_costs(
+    predictors: list[Predictor], image: np.ndarray, precision: str = "32", tile: int | None = None
+) -> list[dict[str, float]]:
+    """Seconds of one un-augmented prediction of `image` per predictor (after a warm-up run), for
+    `runner.budget.choose_plan`; preprocessing is counted in the pass (a slight over-estimate with TTA)."""
+    from medstudent.inference.predict import predict_cls_probs, predict_seg_probs
+
+    costs = []
+    for p in predictors:
+
+        def once(p: Predictor = p) -> None:
+            if p.task == "segmentation":
+                predict_seg_probs(p, image, "none", precision, tile=tile)
+            else:
+                predict_cls_probs(p, image, "none", precision)
+
+        once()
+        t0 = time.perf_counter()
+        once()
+        costs.append({"fixed_s": 0.0, "pass_s": time.perf_counter() - t0})
+    return costs
+
+
+def plan_torch_budget(
+    predictors: list[Predictor],
+    files: list[Path],
+    budget_s: float,
+    tta: str,
+    precision: str = "32",
+    tile: int | None = None,
+):
+    """`predict --engine torch --budget-seconds`: measure on the first readable image, choose the plan
+    (`runner.budget.choose_plan`, equal weights). None when no image can be read."""
+    from medstudent.data.io import read_image
+    from medstudent.runner.budget import choose_plan
+
+    for f in files:
+        try:
+            img = read_image(f)
+        except DataError:
+            continue
+        costs = torch_member_costs(predictors, img, precision, tile)
+        return choose_plan(budget_s, costs, task=predictors[0].task, max_tta=tta)
+    return None
+
+
+def parse_weights(text: str | None) -> list[float] | None:
+    """'1,2,1' -> [1.0, 2.0, 1.0] (the CLI's --weights)."""
+    if text is None or not text.strip():
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError as e:
+        raise DataError(None, f"--weights expects comma-separated numbers, got '{text}'") from e

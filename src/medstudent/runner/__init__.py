@@ -1,0 +1,21 @@
+"""Torch-free deployment runner: exported ONNX graphs + pipeline.json -> the same outputs as `predict`.
+
+Imports numpy, Pillow, OpenCV (via `data.preprocess`), scipy/scikit-image (post-processing) and
+onnxruntime only; never torch, MONAI, timm or albumentations.
+"""
+
+from medstudent.runner.budget import BudgetPlan, choose_plan, tta_passes
+from medstudent.runner.onnx_runner import OnnxPipeline, combine, predict_onnx_folder, read_pipeline
+from medstudent.runner.tiling import gaussian_importance, sliding_window
+
+__all__ = [
+    "BudgetPlan",
+    "OnnxPipeline",
+    "choose_plan",
+    "combine",
+    "gaussian_importance",
+    "predict_onnx_folder",
+    "read_pipeline",
+    "sliding_window",
+    "tta_passes",
+]

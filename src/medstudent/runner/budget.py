@@ -1,0 +1,100 @@
+"""Pick TTA passes and ensemble members to fit a time budget per image, from measured costs.
+
+Engine-agnostic: the ONNX runner and the torch predictor each measure, per member, a fixed cost
+(preprocessing, resizing back) and the cost of one network pass (tiles included) on a real image; the plan
+is then pure arithmetic, so it is tested without timing anything.
+
+Rule: candidates are the TTA sets up to the requested one (none < flip < d4) times the k members with the
+largest ensemble weights (k = 1..M). Estimated seconds per image = overhead (post-processing) + the sum over
+the chosen members of (fixed + passes x pass). Among the plans that fit, the one with the most network passes
+in all wins, ties going to more members (ensembles usually gain more than extra TTA views), then to the
+cheaper plan. When nothing fits, the cheapest plan is used and the plan says it does not fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from medstudent.inference.tta import TTA_SETS
+
+TTA_ORDER = ("none", "flip", "d4")
+
+
+def tta_passes(task: str, tta: str) -> int:
+    """Network passes per member: segmentation runs every op of the set; classification, as
+    `predict_cls_probs`, runs the image alone (none) or with its horizontal mirror (any other set)."""
+    if tta not in TTA_SETS:
+        raise ValueError(f"unknown TTA '{tta}' (none, flip, d4)")
+    if task == "classification":
+        return 1 if tta == "none" else 2
+    return len(TTA_SETS[tta])
+
+
+@dataclass
+class BudgetPlan:
+    budget_s: float
+    tta: str
+    members: list[int]  # indices into the pipeline's members, by decreasing weight
+    estimate_s: float
+    fits: bool
+    n_members: int
+    costs: list[dict[str, float]] = field(default_factory=list)
+    overhead_s: float = 0.0
+
+    def summary(self) -> str:
+        text = (
+            f"budget {self.budget_s:.2f} s/image -> TTA {self.tta}, {len(self.members)}/{self.n_members} "
+            f"model(s) {self.members}, estimated {self.estimate_s:.2f} s/image"
+        )
+        return text if self.fits else text + " (even the cheapest plan exceeds the budget)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def choose_plan(
+    budget_s: float,
+    costs: list[dict[str, float]],
+    *,
+    task: str,
+    max_tta: str,
+    weights: list[float] | None = None,
+    overhead_s: float = 0.0,
+) -> BudgetPlan:
+    """The plan for `budget_s` seconds per image; `costs[i]` = {"fixed_s", "pass_s"} of member i."""
+    if not costs:
+        raise ValueError("choose_plan: no members")
+    if budget_s <= 0:
+        raise ValueError(f"the time budget must be positive, got {budget_s}")
+    if max_tta not in TTA_ORDER:
+        raise ValueError(f"unknown TTA '{max_tta}' (none, flip, d4)")
+    weights = list(weights) if weights is not None else [1.0] * len(costs)
+    order = sorted(range(len(costs)), key=lambda i: -weights[i])  # stable: earlier member first on ties
+    ttas = TTA_ORDER[: TTA_ORDER.index(max_tta) + 1]
+    best: tuple | None = None
+    cheapest: tuple | None = None
+    for tta in ttas:
+        n = tta_passes(task, tta)
+        for k in range(1, len(order) + 1):
+            chosen = order[:k]
+            est = overhead_s + sum(costs[i]["fixed_s"] + n * costs[i]["pass_s"] for i in chosen)
+            cand = (tta, chosen, est)
+            if cheapest is None or est < cheapest[2]:
+                cheapest = cand
+            if est <= budget_s:
+                score = (k * n, k, -est)
+                if best is None or score > best[0]:
+                    best = (score, cand)
+    fits = best is not None
+    tta, chosen, est = best[1] if best is not None else cheapest  # type: ignore[misc]
+    return BudgetPlan(
+        budget_s=float(budget_s),
+        tta=tta,
+        members=list(chosen),
+        estimate_s=float(est),
+        fits=fits,
+        n_members=len(costs),
+        costs=[dict(c) for c in costs],
+        overhead_s=float(overhead_s),
+    )
