@@ -291,3 +291,20 @@ def test_a_single_sample_last_batch_is_dropped(synth_stas_dir, tmp_path):
         prep.train_idx = ids[:n]
         train_loader, _ = make_loaders(cfg, prep)
         assert len(train_loader) == batches, n
+
+
+def test_init_from_checkpoint_copies_all_weights_or_fails_clearly(trained_run, synth_stas_dir, tmp_path):
+    """A student can start from its teacher: every model weight is copied; another model is refused."""
+    from medstudent.training.module import TaskModule
+    from medstudent.training.train import _init_weights
+
+    cfg = tiny_cfg(synth_stas_dir, tmp_path)
+    module = TaskModule(cfg.model_dump(mode="json"), 2, ["background", "STAS"])
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    _init_weights(module, ckpt)
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    for k, v in module.model.state_dict().items():
+        assert torch.equal(v, saved["model." + k]), k
+    other = tiny_cfg(synth_stas_dir, tmp_path, "model.encoder=resnet18")
+    with pytest.raises(DataError, match="does not fit this model"):
+        _init_weights(TaskModule(other.model_dump(mode="json"), 2, ["background", "STAS"]), ckpt)

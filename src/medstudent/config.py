@@ -158,6 +158,7 @@ class SelfTrainConfig(Section):
     ensemble_size: int = 1
     student_encoder: str | list[str] | None = None  # segmentation; a list gives one per student
     student_arch: str | list[str] | None = None  # classification models are chosen by arch
+    student_init: Literal["pretrained", "teacher"] = "pretrained"  # teacher: start from its weights
     student_dropout: float = 0.2
     student_drop_path_rate: float = 0.2
     student_augment: dict[str, Any] = Field(default_factory=dict)  # merged into `augment` for students

@@ -250,12 +250,21 @@ def _done(run_dir: Path) -> bool:
 
 
 def _train_members(
-    cfg: RunConfig, round_dir: Path, n: int, plan: Plan, extra, progress: bool, log: Callable[[str], None]
+    cfg: RunConfig,
+    round_dir: Path,
+    n: int,
+    plan: Plan,
+    extra,
+    progress: bool,
+    log: Callable[[str], None],
+    init_from: list[Path] | None = None,
 ) -> list[Path]:
+    from medstudent.inference.predict import _checkpoint_of
     from medstudent.training.train import train
 
     dirs = member_dirs(round_dir, n)
     for m, d in enumerate(dirs):
+        init = _checkpoint_of(init_from[m % len(init_from)]) if init_from else None
         if _done(d):
             log(f"{d}: already trained, kept")
             continue
@@ -263,6 +272,7 @@ def _train_members(
         log(f"{d}: {'resuming' if resume else 'training'} ({cfg.model.arch}/{cfg.model.encoder})")
         train(
             _member_cfg(cfg, m),
+            init_from=init,
             resume=resume,
             progress=progress,
             extra_train=extra,
@@ -633,7 +643,8 @@ def run_selftrain(
             state.save()
             break
         scfg = student_config(cfg, r)
-        dirs = _train_members(scfg, round_dir, st.ensemble_size, plan, extra, progress, log)
+        init = teacher_dirs if st.student_init == "teacher" else None
+        dirs = _train_members(scfg, round_dir, st.ensemble_size, plan, extra, progress, log, init)
         rec.update(_evaluate_round(rec, dirs, scfg, plan, f"student_{r}", start))
         rec["dirs"] = [str(d) for d in dirs]
         better = (rec["val_metric"] or 0.0) > (best["val_metric"] or 0.0)

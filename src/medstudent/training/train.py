@@ -308,10 +308,12 @@ def train(
     extra_train: torch.utils.data.Dataset | None = None,
     run_dir: Path | None = None,
     prepared: Prepared | None = None,
+    init_from: Path | None = None,
 ) -> Path:
     """Train one fold; returns the run folder. `resume` continues from checkpoints/last.ckpt.
 
-    `prepared` replaces the data preparation (self-training passes its labeled subset of the fold)."""
+    `prepared` replaces the data preparation (self-training passes its labeled subset of the fold);
+    `init_from` starts from all weights of another checkpoint of the same model (student from teacher)."""
     fold = cfg.data.fold if fold is None else fold
     cfg = cfg.model_copy(deep=True)
     cfg.data.fold = fold
@@ -349,6 +351,8 @@ def train(
         class_weights_for(cfg, prep),
         steps_per_epoch=steps,
     )
+    if init_from is not None and not resume:
+        _init_weights(module, Path(init_from))
     trainer = build_trainer(cfg, run_dir, progress=progress)
     csv_log = run_dir / "logs" / "metrics.csv"
     earlier = csv_log.read_text() if resume and csv_log.is_file() else None  # CSVLogger truncates on reuse
@@ -360,6 +364,19 @@ def train(
     if trainer.global_rank == 0:
         finish_run(run_dir, trainer, prep, minutes)
     return run_dir
+
+
+def _init_weights(module: TaskModule, ckpt_path: Path) -> None:
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is a bad input file
+        raise DataError(ckpt_path, f"cannot read checkpoint to start from ({type(e).__name__}: {e})") from e
+    model_state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    try:
+        module.model.load_state_dict(model_state)
+    except RuntimeError as e:
+        reason = str(e).splitlines()[0]
+        raise DataError(ckpt_path, f"does not fit this model (other architecture/encoder?): {reason}") from e
 
 
 def _merge_logs(csv_log: Path, earlier: str) -> None:
