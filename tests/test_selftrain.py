@@ -276,6 +276,11 @@ def test_classification_selftrain_cli_with_hidden_labels(synth_oct_dir, tmp_path
     probs = pseudo[[c for c in pseudo.columns if c.startswith("p_")]].to_numpy()
     assert np.allclose(probs.sum(1), 1, atol=1e-4)
     assert np.allclose(pseudo["confidence"], probs.max(1), atol=1e-4)
+    assert stats["kept"] == pseudo["id"].nunique() and stats["training_rows"] == len(pseudo)
+    distinct = pseudo.drop_duplicates("id").dropna(subset=["hidden_label"])
+    assert stats["pseudo_precision"] == pytest.approx(
+        (distinct["label"] == distinct["hidden_label"]).mean(), abs=1e-5
+    )
     plan = json.loads((root / "plan.json").read_text())
     n_train = len(json.loads((tmp_path / "split.json").read_text())["folds"][0]["train"])
     assert len(plan["labeled"]) + len(plan["hidden"]) == n_train

@@ -479,11 +479,12 @@ def _cls_pseudo(
         rows.append(row)
     if is_main():
         _write_csv(out / "pseudo.csv", rows, fields=_cls_fields(names))
-    hidden_rows = [r for r in rows if "hidden_label" in r]
+    # quality is counted over distinct images (balancing duplicates some rows and drops others)
+    hidden_rows = list({r["id"]: r for r in rows if "hidden_label" in r}.values())
     return {
         "task": "classification",
-        "kept": len(rows),
-        "kept_unique": len(set(sel.rows.tolist())),
+        "kept": len(set(sel.rows.tolist())),  # distinct images
+        "training_rows": len(rows),  # after class balancing
         "kept_per_class": {names[c]: n for c, n in sel.kept_per_class.items()},
         "balanced_per_class": {names[c]: n for c, n in sel.balanced_per_class.items()},
         "pseudo_precision": _mean([float(r["label"] == r["hidden_label"]) for r in hidden_rows]),
