@@ -1,4 +1,4 @@
-"""`make bench`: every benchmark in turn (needs ../shared/data; about 100 minutes on 2 CPU cores).
+"""`make bench`: every benchmark in turn (needs ../shared/data; about 4 hours on 2 CPU cores).
 
 Each script writes bench_out/<name>/result.json (onnx_speed.py: bench_out/onnx_speed.json, about 20 minutes);
 copy the figures into BENCHMARKS.md with date and machine.
@@ -19,7 +19,15 @@ def main() -> int:
         print(f"benchmarks need the real data at {SHARED}; it is not there", file=sys.stderr)
         return 1
     status = 0
-    for script in ("oct_cpu.py", "stas_cpu.py", "onnx_speed.py"):  # onnx_speed needs stas_cpu's model
+    scripts = (
+        "oct_cpu.py",
+        "stas_cpu.py",
+        "onnx_speed.py",  # needs stas_cpu's model
+        "selftrain_stas.py",  # uses stas_cpu's split
+        "selftrain_oct.py",
+        "noisy_student_study.py",
+    )
+    for script in scripts:
         print(f"== {script}", flush=True)
         status |= subprocess.call([sys.executable, str(HERE / script), *sys.argv[1:]])
     return status
