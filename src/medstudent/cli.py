@@ -218,6 +218,9 @@ SetOpt = Annotated[
 DevicesOpt = Annotated[str | None, typer.Option(help="devices per node (Lightning), e.g. 2 or auto")]
 NodesOpt = Annotated[int | None, typer.Option(help="number of nodes (torchrun / SLURM)")]
 StrategyOpt = Annotated[str | None, typer.Option(help="auto, ddp, ...")]
+FoldOpt = Annotated[int | None, typer.Option(help="fold of the split (default: data.fold)")]
+SplitOpt = Annotated[Path | None, typer.Option(help="split JSON from `medstudent data split`")]
+QuietOpt = Annotated[bool, typer.Option(help="no progress bar")]
 
 
 def _scale_out(devices: str | None, num_nodes: int | None, strategy: str | None) -> list[str]:
@@ -231,14 +234,14 @@ def _scale_out(devices: str | None, num_nodes: int | None, strategy: str | None)
 @one_line_errors
 def train_cmd(
     config: Annotated[str, typer.Argument(help="YAML config or preset name (stas_cpu, oct_cpu, ...)")],
-    fold: Annotated[int | None, typer.Option(help="fold of the split to train (default: data.fold)")] = None,
-    split: Annotated[Path | None, typer.Option(help="split JSON from `medstudent data split`")] = None,
+    fold: FoldOpt = None,
+    split: SplitOpt = None,
     overrides: SetOpt = None,
     resume: Annotated[bool, typer.Option(help="continue from the run's last checkpoint")] = False,
     devices: DevicesOpt = None,
     num_nodes: NodesOpt = None,
     strategy: StrategyOpt = None,
-    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Train a model; writes runs/<name>/fold_<k>/ (config, checkpoints, logs, metrics, curves)."""
     from medstudent.config import load_config
@@ -259,14 +262,14 @@ def train_cmd(
 @one_line_errors
 def selftrain_cmd(
     config: Annotated[str, typer.Argument(help="YAML config or preset with a `selftrain:` section")],
-    fold: Annotated[int | None, typer.Option(help="fold of the split (default: data.fold)")] = None,
-    split: Annotated[Path | None, typer.Option(help="split JSON from `medstudent data split`")] = None,
+    fold: FoldOpt = None,
+    split: SplitOpt = None,
     overrides: SetOpt = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted self-training run")] = False,
     devices: DevicesOpt = None,
     num_nodes: NodesOpt = None,
     strategy: StrategyOpt = None,
-    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Noisy Student: teacher -> confident pseudo labels -> noised student, round after round."""
     from medstudent.config import load_config
@@ -552,7 +555,7 @@ def cv_cmd(
     test: Annotated[bool, typer.Option(help="ensemble the fold models on the split's test set")] = False,
     dataset: Annotated[str | None, typer.Option(help="data set name in results (default: data.root)")] = None,
     method: Annotated[str | None, typer.Option(help="method name in results (default: train.name)")] = None,
-    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    quiet: QuietOpt = False,
     devices: DevicesOpt = None,
     num_nodes: NodesOpt = None,
     strategy: StrategyOpt = None,

@@ -21,7 +21,7 @@ import numpy as np
 
 from medstudent.data.io import IMAGE_EXTS, list_images, read_image, read_mask
 from medstudent.data.labelme import labelme_to_mask, read_labelme
-from medstudent.errors import DataError
+from medstudent.errors import ConfigError, DataError
 
 Layout = Literal["labelme", "masks", "classification", "unlabeled"]
 
@@ -332,3 +332,25 @@ def open_dataset(
     if layout == "classification":
         return open_classification(root, group_regex=group_regex)
     return open_unlabeled(root)
+
+
+def open_labeled(data) -> SegmentationDataset | ClassificationDataset:
+    """The labeled data set a run config's `data:` section names (config.DataConfig), checked against its
+    task: what train, cv and selftrain start from (torch-free, so split tools stay light)."""
+    d = data
+    ds = open_dataset(
+        d.root, label_map=d.label_map, empty_if_missing=d.empty_if_missing, group_regex=d.group_regex
+    )
+    if isinstance(ds, SegmentationDataset):
+        if d.task != "segmentation":
+            raise ConfigError(d.root, f"is a segmentation data set but data.task is '{d.task}'")
+        if not d.empty_if_missing:
+            ds.require_complete()
+    elif isinstance(ds, ClassificationDataset):
+        if d.task != "classification":
+            raise ConfigError(d.root, f"is a classification data set but data.task is '{d.task}'")
+    else:
+        raise DataError(d.root, "is a folder of unlabeled images; training needs labels")
+    if len(ds) == 0:
+        raise DataError(d.root, "has no labeled images")
+    return ds

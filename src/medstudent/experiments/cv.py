@@ -250,23 +250,11 @@ def _split_content(split: dict) -> tuple:
 
 def new_split(cfg: RunConfig, n_folds: int | None = None) -> dict:
     """A split of cfg's data set made as `medstudent train` makes one (without importing the trainer)."""
-    from medstudent.data.layouts import ClassificationDataset, SegmentationDataset
+    from medstudent.data.layouts import open_labeled
     from medstudent.data.splits import make_split
 
     d = cfg.data
-    ds = open_task_dataset(cfg)
-    if isinstance(ds, SegmentationDataset):
-        if d.task != "segmentation":
-            raise ConfigError(d.root, f"is a segmentation data set but data.task is '{d.task}'")
-        if not d.empty_if_missing:
-            ds.require_complete()
-    elif isinstance(ds, ClassificationDataset):
-        if d.task != "classification":
-            raise ConfigError(d.root, f"is a classification data set but data.task is '{d.task}'")
-    else:
-        raise DataError(d.root, "is a folder of unlabeled images; training needs labels")
-    if len(ds) == 0:
-        raise DataError(d.root, "has no labeled images")
+    ds = open_labeled(d)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return make_split(ds, d.test_fraction, n_folds or d.n_folds, d.split_seed)

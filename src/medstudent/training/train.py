@@ -30,7 +30,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from medstudent.config import RunConfig, save_config
-from medstudent.data.layouts import ClassificationDataset, SegmentationDataset, open_dataset
+from medstudent.data.layouts import ClassificationDataset, SegmentationDataset, open_labeled
 from medstudent.data.splits import fold_ids, load_split, make_split, save_split
 from medstudent.data.transforms import (
     cls_eval_transform,
@@ -58,21 +58,7 @@ class Prepared:
 
 def prepare_data(cfg: RunConfig, split_path: str | Path | None = None, fold: int | None = None) -> Prepared:
     d = cfg.data
-    ds = open_dataset(
-        d.root, label_map=d.label_map, empty_if_missing=d.empty_if_missing, group_regex=d.group_regex
-    )
-    if isinstance(ds, SegmentationDataset):
-        if d.task != "segmentation":
-            raise ConfigError(d.root, f"is a segmentation data set but data.task is '{d.task}'")
-        if not d.empty_if_missing:
-            ds.require_complete()
-    elif isinstance(ds, ClassificationDataset):
-        if d.task != "classification":
-            raise ConfigError(d.root, f"is a classification data set but data.task is '{d.task}'")
-    else:
-        raise DataError(d.root, "is a folder of unlabeled images; training needs labels")
-    if len(ds) == 0:
-        raise DataError(d.root, "has no labeled images")
+    ds = open_labeled(d)
     split_path = split_path or d.split
     if split_path:
         split = load_split(split_path, ds)
