@@ -12,6 +12,23 @@ SHARED = Path(
 )
 
 
+# A tiny segmentation model with augmentation switched off: what the training-side tests build on
+# (`load_config("stas_cpu", [..., *TINY_SEG, ...])`), so a test takes seconds on 2 cores.
+TINY_SEG = [
+    "model.arch=fpn",
+    "model.encoder=mobilenetv3_small_050",
+    "model.pretrained=none",
+    "train.batch_size=4",
+    "augment.crop=null",
+    "augment.rot90=0",
+    "augment.stain=0",
+    "augment.autoaugment=0",
+    "augment.noise=0",
+    "train.precision=32",
+    "train.max_minutes=null",
+]
+
+
 def shared_path(*parts: str) -> Path:
     """Path under ../shared/data; the test is skipped when it is absent (real data is never in the repo)."""
     p = SHARED.joinpath(*parts)

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from conftest import TINY_SEG
 from medstudent.cli import app
 from medstudent.config import load_config
 from medstudent.data.splits import load_split
@@ -17,18 +18,8 @@ from medstudent.experiments.results import KEY_COLUMNS, read_results, write_resu
 
 runner = CliRunner()
 TINY = [
-    "model.arch=fpn",
-    "model.encoder=mobilenetv3_small_050",
-    "model.pretrained=none",
-    "train.batch_size=4",
+    *TINY_SEG,
     "augment.scale=0.5",
-    "augment.crop=null",
-    "augment.rot90=0",
-    "augment.stain=0",
-    "augment.autoaugment=0",
-    "augment.noise=0",
-    "train.precision=32",
-    "train.max_minutes=null",
     "train.limit_train_batches=2",
     "data.test_fraction=4",
     "data.n_folds=2",

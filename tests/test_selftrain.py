@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import TINY_SEG
 from medstudent.cli import app
 from medstudent.config import LossConfig, load_config
 from medstudent.data.layouts import open_classification
@@ -130,17 +131,7 @@ def test_student_config_adds_noise_and_larger_encoder(synth_stas_dir, tmp_path):
 
 
 SEG = [
-    "model.arch=fpn",
-    "model.encoder=mobilenetv3_small_050",
-    "model.pretrained=none",
-    "train.batch_size=4",
-    "augment.crop=null",
-    "augment.rot90=0",
-    "augment.stain=0",
-    "augment.autoaugment=0",
-    "augment.noise=0",
-    "train.precision=32",
-    "train.max_minutes=null",
+    *TINY_SEG,
     "train.epochs=2",
     "optim.lr=0.003",
     "data.test_fraction=4",

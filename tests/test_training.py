@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import TINY_SEG
 from medstudent.cli import app
 from medstudent.config import OptimConfig, load_config
 from medstudent.data.layouts import open_segmentation
@@ -23,18 +24,8 @@ from medstudent.training.train import ensemble_members, train
 
 runner = CliRunner()
 TINY = [
-    "model.arch=fpn",
-    "model.encoder=mobilenetv3_small_050",
-    "model.pretrained=none",
-    "train.batch_size=4",
+    *TINY_SEG,
     "augment.scale=1.0",
-    "augment.crop=null",
-    "augment.rot90=0",
-    "augment.stain=0",
-    "augment.autoaugment=0",
-    "augment.noise=0",
-    "train.precision=32",
-    "train.max_minutes=null",
     "data.test_fraction=4",
     "data.n_folds=3",
     "postprocess.min_area=0",

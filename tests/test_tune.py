@@ -21,6 +21,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from conftest import TINY_SEG
 from medstudent.cli import app
 from medstudent.config import load_config
 from medstudent.errors import ConfigError
@@ -28,18 +29,8 @@ from medstudent.experiments.hpo import objective_value, parse_search, run_study,
 
 runner = CliRunner()
 TINY = [
-    "model.arch=fpn",
-    "model.encoder=mobilenetv3_small_050",
-    "model.pretrained=none",
-    "train.batch_size=4",
+    *TINY_SEG,
     "augment.scale=0.5",
-    "augment.crop=null",
-    "augment.rot90=0",
-    "augment.stain=0",
-    "augment.autoaugment=0",
-    "augment.noise=0",
-    "train.precision=32",
-    "train.max_minutes=null",
     "train.limit_train_batches=1",
     "train.epochs=1",
     "train.threads=1",
