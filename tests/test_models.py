@@ -335,3 +335,30 @@ def test_wrong_or_corrupt_file(tmp_path) -> None:
     with pytest.raises(ConfigError) as e:
         create_model("resnet18", num_classes=2, pretrained=str(bad))
     assert _one_line_error(e).startswith(f"{bad}: model.pretrained: not a readable weights file")
+
+
+def test_backbone_module_and_new_head_init() -> None:
+    """The backbone view leaves out exactly the classifier head (nested heads too); a new head for other
+    classes starts near zero, so the first loss is about ln(classes), not several times that."""
+    import math
+
+    from skimage.data import chelsea
+
+    from medstudent.models import backbone_module
+
+    for arch, head_name in (("resnet18", "fc"), ("convnext_atto", "head.fc")):
+        model = create_model(arch, num_classes=4, pretrained=None)
+        head = model.get_submodule(head_name)
+        backbone = {id(p) for p in backbone_module(model).parameters()}
+        assert not any(id(p) in backbone for p in head.parameters())
+        assert len(backbone) + len(list(head.parameters())) == len(list(model.parameters()))
+        backbone_module(model).eval()
+        assert model.training and head.training  # the head (and a root applying its dropout) keep training
+    seg = create_model("unet", num_classes=2, encoder="resnet18", pretrained=None, deep_supervision=True)
+    assert backbone_module(seg) is seg.net.encoder
+    model = create_model("efficientnet_lite0", num_classes=4, pretrained=BUNDLED).eval()
+    assert model.get_classifier().weight.std() < 0.02 and not model.get_classifier().bias.any()
+    x = torch.from_numpy(np.asarray(chelsea()[:224, :224], np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([0]))
+    assert abs(float(loss) - math.log(4)) < 0.3

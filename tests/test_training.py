@@ -299,3 +299,56 @@ def test_init_from_checkpoint_copies_all_weights_or_fails_clearly(trained_run, s
     other = tiny_cfg(synth_stas_dir, tmp_path, "model.encoder=resnet18")
     with pytest.raises(DataError, match="does not fit this model"):
         _init_weights(TaskModule(other.model_dump(mode="json"), 2, ["background", "STAS"]), ckpt)
+
+
+def test_frozen_backbone_then_unfrozen(synth_stas_dir, tmp_path):
+    """optim.freeze_epochs: the encoder (weights and BatchNorm statistics) is untouched while frozen and
+    trains afterwards at lr * backbone_lr_scale; the decoder trains throughout."""
+    import lightning as L
+
+    from medstudent.training.module import TaskModule
+    from medstudent.training.train import make_loaders, prepare_data
+
+    cfg = tiny_cfg(synth_stas_dir, tmp_path, "optim.freeze_epochs=1", "optim.backbone_lr_scale=0.5")
+    prep = prepare_data(cfg)
+    train_loader, _ = make_loaders(cfg, prep)
+    module = TaskModule(cfg.model_dump(mode="json"), 2, ["background", "STAS"], steps_per_epoch=2)
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    assert [g["initial_lr"] for g in groups] == [cfg.optim.lr, cfg.optim.lr * 0.5]
+
+    def state(m):
+        return {k: v.detach().clone() for k, v in m.state_dict().items() if v.is_floating_point()}
+
+    enc0, dec0 = state(module.model.encoder), state(module.model.decoder)
+    seen: dict[int, dict] = {}
+
+    class Snap(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen[trainer.current_epoch] = state(pl_module.model.encoder)
+
+    trainer = L.Trainer(
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Snap()],
+    )
+    trainer.fit(module, train_loader)
+    assert all(torch.equal(enc0[k], seen[0][k]) for k in enc0), "frozen encoder changed in epoch 0"
+    assert any("running_mean" in k for k in enc0)  # BatchNorm statistics were compared too
+    assert not all(torch.equal(enc0[k], seen[1][k]) for k in enc0), "encoder did not train after unfreezing"
+    dec1 = state(module.model.decoder)
+    assert not all(torch.equal(dec0[k], dec1[k]) for k in dec0)
+
+
+def test_freezing_under_ddp_needs_find_unused(synth_stas_dir, tmp_path):
+    from medstudent.training.train import build_trainer
+
+    cfg = tiny_cfg(synth_stas_dir, tmp_path, "optim.freeze_epochs=2", "train.devices=2")
+    with pytest.raises(ConfigError, match="find_unused"):
+        build_trainer(cfg, tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="backbone_lr_scale"):
+        OptimConfig(backbone_lr_scale=-1)

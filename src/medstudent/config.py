@@ -91,6 +91,14 @@ class OptimConfig(Section):
     step_size: int = 7
     gamma: float = 0.1
     min_lr_ratio: float = 0.01
+    backbone_lr_scale: float = 1.0  # LR of the pretrained backbone (encoder) relative to lr; 0 = frozen
+    freeze_epochs: int = 0  # backbone frozen (weights and BatchNorm statistics) for the first N epochs
+
+    @model_validator(mode="after")
+    def _backbone(self) -> OptimConfig:
+        if self.backbone_lr_scale < 0 or self.freeze_epochs < 0:
+            raise ValueError("optim.backbone_lr_scale and optim.freeze_epochs must be >= 0")
+        return self
 
 
 class TrainConfig(Section):

@@ -3,6 +3,7 @@
 from medstudent.models.deep_supervision import DeepSupervisionModel
 from medstudent.models.factory import (
     SEG_ARCHS,
+    backbone_module,
     check_model_config,
     create_model,
     model_from_config,
@@ -19,6 +20,7 @@ from medstudent.models.pretrained import (
 __all__ = [
     "BUNDLED",
     "SEG_ARCHS",
+    "backbone_module",
     "check_model_config",
     "DeepSupervisionModel",
     "bundled_lite0_state_dict",

@@ -267,9 +267,29 @@ def _create_classifier(
     if drop_path_rate > 0:
         kwargs["drop_path_rate"] = drop_path_rate
     model = _build(timm.create_model, spec, f"timm '{name}'", model_name=name, **kwargs)
+    new_head = False
     if sd is not None:
-        load_state_dict_into(model, sd, name, spec.origin)
+        new_head = bool(load_state_dict_into(model, sd, name, spec.origin))
+    elif spec.kind == "hub":  # timm replaced the head when the class count differs from the weights'
+        new_head = num_classes != model.pretrained_cfg.get("num_classes", num_classes)
+    if new_head:
+        _init_new_head(model)
     return model
+
+
+def _init_new_head(model: nn.Module) -> None:
+    """Start a fine-tuned classifier's new head near zero (normal, std 0.01; bias 0).
+
+    timm's EfficientNet init draws a Linear head from U(-1/sqrt(out), 1/sqrt(out)): right for 1000 classes,
+    but for 4 classes (+-0.5 on 1280 features) the first logits have a standard deviation of ~4.5 and the
+    first loss is ~7 instead of ln 4, and with few images the pretrained features are wrecked before the
+    head is usable (BENCHMARKS.md, OCT).
+    """
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, nn.Linear):
+        nn.init.normal_(head.weight, std=0.01)
+        if head.bias is not None:
+            nn.init.zeros_(head.bias)
 
 
 def check_model_config(cfg: ModelConfig, task: str) -> None:
@@ -284,3 +304,42 @@ def check_model_config(cfg: ModelConfig, task: str) -> None:
         resolve_encoder(cfg.encoder)
     elif arch in SEG_ARCHS or not timm.is_model(cfg.arch[3:] if cfg.arch.startswith("tu-") else cfg.arch):
         raise ConfigError(None, f"model.arch: '{cfg.arch}' is not a timm classifier (see timm.list_models())")
+
+
+def backbone_module(model: nn.Module) -> nn.Module:
+    """The pretrained part of a model built by `create_model`: the smp encoder of a segmentation model
+    (inside a `DeepSupervisionModel` too), or a timm classifier minus its classifier head.
+
+    Used for a separate backbone learning rate and for freezing (`optim.backbone_lr_scale`,
+    `optim.freeze_epochs`): the usual levers when a pretrained model is fine-tuned on very few images.
+    """
+    net = model.net if isinstance(model, DeepSupervisionModel) else model
+    if getattr(model, "task", None) == "segmentation" or hasattr(net, "encoder"):
+        return net.encoder
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Module) or not any(True for _ in head.parameters()):
+        raise ConfigError(None, f"{type(model).__name__}: no classifier head to tell apart from its backbone")
+    return _Without(model, head)
+
+
+class _Without(nn.Module):
+    """A view of `model` without `head` (which may sit deep inside it): parameters() and train()/eval()
+    reach every module that neither is part of the head nor contains it (so a root module that applies the
+    head's dropout keeps the head's mode)."""
+
+    def __init__(self, model: nn.Module, head: nn.Module):
+        super().__init__()
+        head_mods = {id(m) for m in head.modules()}
+        head_params = {id(p) for p in head.parameters()}
+        holders = {id(m) for m in model.modules() if any(id(c) in head_mods for c in m.modules())}
+        # Plain lists, not registered: the view must not own (and so re-save) the model's tensors.
+        self._params = [p for p in model.parameters() if id(p) not in head_params]
+        self._mods = [m for m in model.modules() if id(m) not in head_mods and id(m) not in holders]
+
+    def parameters(self, recurse: bool = True):  # type: ignore[override]
+        yield from self._params
+
+    def train(self, mode: bool = True):  # type: ignore[override]
+        for m in self._mods:
+            m.training = mode
+        return self

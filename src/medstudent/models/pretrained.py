@@ -217,8 +217,11 @@ def _source_key(key: str, sd: Mapping[str, Tensor]) -> str | None:
     return None
 
 
-def load_state_dict_into(module: nn.Module, sd: Mapping[str, Tensor], timm_name: str, origin: str) -> None:
-    """Load a timm state dict into `module` (a timm classifier or a features_only timm model).
+def load_state_dict_into(
+    module: nn.Module, sd: Mapping[str, Tensor], timm_name: str, origin: str
+) -> list[str]:
+    """Load a timm state dict into `module` (a timm classifier or a features_only timm model); returns the
+    keys of the classifier head left random (another number of classes), [] when the head was loaded.
 
     Every tensor of the module must come from `sd`, except a classifier head of another size (kept random,
     as timm does) — a checkpoint of another architecture is an error, not a silently random model. Head
@@ -270,6 +273,7 @@ def load_state_dict_into(module: nn.Module, sd: Mapping[str, Tensor], timm_name:
         log.info(
             "the bundled Lite0 weights come from TF; 'tf_efficientnet_lite0' runs them exactly as trained"
         )
+    return random_head
 
 
 def load_pretrained(module: nn.Module, spec: str | Path | PretrainedSpec | None, timm_name: str) -> None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from medstudent.config import RunConfig
 from medstudent.data.preprocess import scaled_size
-from medstudent.models import model_from_config, seg_out_channels
+from medstudent.models import backbone_module, model_from_config, seg_out_channels
 from medstudent.training.losses import ClassificationLoss, DeepSupervisionLoss, SegmentationLoss
 from medstudent.training.optim import build_optimizer, build_scheduler
 
@@ -53,6 +53,11 @@ class TaskModule(L.LightningModule):
         self.steps_per_epoch = steps_per_epoch
         self.memory_format = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
+        # not registered as a sub-module (object.__setattr__): it is a view, its tensors are saved once
+        object.__setattr__(self, "_backbone", backbone_module(self.model))
+        if self.backbone_frozen:  # frozen from the start: DDP must see these as never trained
+            for p in self._backbone.parameters():
+                p.requires_grad_(False)
         self._val: list = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +133,34 @@ class TaskModule(L.LightningModule):
         self.log(name, metric, prog_bar=True, sync_dist=True)
         self.log("val_metric", metric, sync_dist=True)
 
+    # --- backbone LR and freezing (optim.backbone_lr_scale / optim.freeze_epochs)
+    @property
+    def backbone_frozen(self) -> bool:
+        o = self.cfg.optim
+        return o.backbone_lr_scale == 0 or self.current_epoch < o.freeze_epochs
+
+    def train(self, mode: bool = True):  # type: ignore[override]
+        """As nn.Module.train, but a frozen backbone stays in eval mode (BatchNorm statistics and stochastic
+        depth off), however often Lightning switches between training and validation."""
+        super().train(mode)
+        if mode and getattr(self, "_backbone", None) is not None and self.backbone_frozen:
+            self._backbone.eval()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        frozen = self.backbone_frozen
+        for p in self._backbone.parameters():
+            p.requires_grad_(not frozen)
+        self.train()
+
     def configure_optimizers(self):
-        opt = build_optimizer(self.model.parameters(), self.cfg.optim)
+        o = self.cfg.optim
+        backbone = {id(p) for p in self._backbone.parameters()}
+        head = [p for p in self.model.parameters() if id(p) not in backbone]
+        groups = [{"params": head, "lr": o.lr}]
+        if o.backbone_lr_scale > 0:
+            # frozen for freeze_epochs: no gradients, so the optimiser skips these until then
+            groups.append({"params": list(self._backbone.parameters()), "lr": o.lr * o.backbone_lr_scale})
+        opt = build_optimizer(groups, self.cfg.optim)
         sched = build_scheduler(opt, self.cfg.optim, self.steps_per_epoch, self.cfg.train.epochs)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -230,6 +230,14 @@ def build_trainer(
     cfg: RunConfig, run_dir: Path, progress: bool = True, monitor: str = "val_metric"
 ) -> L.Trainer:
     t = cfg.train
+    several = t.num_nodes > 1 or str(t.devices) not in ("1", "auto")
+    if cfg.optim.freeze_epochs > 0 and several and "find_unused" not in t.strategy:
+        # DDP registers the parameters that need gradients once, when it wraps the model
+        raise ConfigError(
+            None,
+            "optim.freeze_epochs: unfreezing during a multi-process run needs "
+            "train.strategy=ddp_find_unused_parameters_true",
+        )
     ckpt = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
