@@ -84,9 +84,8 @@ def seg_runs(synth_stas_dir, tmp_path_factory) -> list[Path]:
 @pytest.fixture(scope="module")
 def seg_model(seg_runs, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "model"
-    res = runner.invoke(
-        app, ["export", *map(str, seg_runs), "-o", str(out), "--tta", "flip", "--weights", "1,1", "--int8"]
-    )
+    args = ["export", *map(str, seg_runs), "-o", str(out), "--tta", "flip", "--weights", "1,1"]
+    res = runner.invoke(app, [*args, "--int8", "dynamic"])
     assert res.exit_code == 0, res.output
     return out
 
@@ -262,6 +261,33 @@ def test_int8_graphs_run_close_to_fp32(seg_model, few_images):
     q = OnnxPipeline(seg_model, int8=True)
     assert q.int8 and all(m.file.name.endswith(".int8.onnx") for m in q.members)
     got = q.predict_probs(img, tta="none")
+    assert got.shape == fp32.shape and np.abs(got - fp32).mean() < 0.02
+
+
+def test_static_int8_quantises_the_decoder_only(seg_runs, few_images, tmp_path):
+    """--int8 static: calibrated QDQ graph whose convolutions with int8 weights are exactly the
+    decoder's and head's (the encoder's stay float32); it runs close to float32; without calibration
+    images it is a one-line error."""
+    from medstudent.inference.export import _in_decoder_or_head
+
+    out = tmp_path / "static"
+    args = ["export", str(seg_runs[0]), "-o", str(out), "--int8", "static"]
+    res = runner.invoke(app, args)
+    assert res.exit_code != 0 and "--calibrate" in res.output.strip().splitlines()[-1]
+    res = runner.invoke(app, [*args, "--calibrate", str(few_images)])
+    assert res.exit_code == 0, res.output
+    spec = json.loads((out / "pipeline.json").read_text())
+    assert spec["int8"]["method"].startswith("onnxruntime quantize_static") and not spec["int8"]["use"]
+    graph = onnx.load(str(out / spec["members"][0]["int8_file"])).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    quantised = {n.name: producer.get(n.input[1]) == "DequantizeLinear" for n in convs}  # the weights
+    assert any(quantised.values()) and not all(quantised.values())
+    wrong = [name for name, q in quantised.items() if q != _in_decoder_or_head(name)]
+    assert not wrong, wrong
+    img = read_image(next(few_images.glob("*.jpg")))
+    fp32 = OnnxPipeline(out, int8=False).predict_probs(img, tta="none")
+    got = OnnxPipeline(out, int8=True).predict_probs(img, tta="none")
     assert got.shape == fp32.shape and np.abs(got - fp32).mean() < 0.02
 
 

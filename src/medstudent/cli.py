@@ -426,8 +426,16 @@ def export_cmd(
     ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17)")] = 17,
     int8: Annotated[
-        bool, typer.Option("--int8", help="also write dynamically quantised int8 graphs (off until checked)")
-    ] = False,
+        str,
+        typer.Option(
+            "--int8",
+            help="also write int8 graphs: dynamic, or static (calibrated; segmentation: decoder only); "
+            "recorded but off until checked",
+        ),
+    ] = "none",
+    calibrate: Annotated[
+        Path | None, typer.Option(help="folder of images to calibrate --int8 static on (first 16)")
+    ] = None,
 ) -> None:
     """Export runs to ONNX (dynamic height/width) plus pipeline.json, for `predict --engine onnx`."""
     from medstudent.inference.export import export_runs, parse_weights
@@ -440,6 +448,7 @@ def export_cmd(
         weights=parse_weights(weights),
         opset=opset,
         int8=int8,
+        calibrate=calibrate,
         progress=lambda m: console.print(m, highlight=False, soft_wrap=True),
     )
     console.print(
