@@ -96,7 +96,10 @@ def normalize(img: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) 
     """uint8 HxWxC -> float32 HxWxC, (x / 255 - mean) / std per channel."""
     mean_a = np.asarray(mean, dtype=np.float32) * 255.0
     inv_std = 1.0 / (np.asarray(std, dtype=np.float32) * 255.0)
-    return (img.astype(np.float32) - mean_a) * inv_std
+    out = img.astype(np.float32)
+    out -= mean_a  # in place: the same arithmetic as (x - mean) * inv_std without two full-size temporaries
+    out *= inv_std
+    return out
 
 
 def apply_eval_contract(img: np.ndarray, contract: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:

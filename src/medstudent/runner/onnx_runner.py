@@ -267,6 +267,8 @@ def combine(
     probs: list[np.ndarray], mode: str = "mean", weights: list[float] | None = None, threshold: float = 0.5
 ) -> np.ndarray:
     """`inference.predict.ensemble_probs` with optional member weights (normalised; equal = the same)."""
+    if mode == "mean" and len(probs) == 1:
+        return probs[0]  # the mean of one map, without copying a full-size stack
     stack = np.stack(probs)
     w = np.ones(len(probs)) if weights is None else np.asarray(weights, dtype=np.float64)
     w = (w / w.sum()).astype(np.float32)
