@@ -86,17 +86,9 @@ class Comparison:
 
 def read_long(paths: Sequence[str | Path], columns: Sequence[str]) -> pd.DataFrame:
     """Concatenate result CSVs, checking each has the needed columns."""
-    frames = []
-    for p in map(Path, paths):
-        if not p.is_file():
-            raise DataError(p, "results file not found")
-        try:
-            df = pd.read_csv(p)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-            raise DataError(p, f"not a readable CSV ({type(e).__name__})") from e
-        if missing := [c for c in columns if c not in df.columns]:
-            raise DataError(p, f"lacks column(s) {missing}; it has {list(df.columns)}")
-        frames.append(df)
+    from medstudent.experiments.results import read_results
+
+    frames = [read_results(p, columns) for p in paths]
     if not frames:
         raise DataError(None, "no results files given")
     return pd.concat(frames, ignore_index=True)
