@@ -155,12 +155,14 @@ class TaskModule(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.cfg.optim
-        backbone = {id(p) for p in self._backbone.parameters()}
-        head = [p for p in self.model.parameters() if id(p) not in backbone]
-        groups = [{"params": head, "lr": o.lr}]
-        if o.backbone_lr_scale > 0:
-            # frozen for freeze_epochs: no gradients, so the optimiser skips these until then
-            groups.append({"params": list(self._backbone.parameters()), "lr": o.lr * o.backbone_lr_scale})
+        # While frozen (freeze_epochs) the backbone has no gradients, so the optimiser skips it until then.
+        if o.backbone_lr_scale == 1:
+            groups: list[dict] = [{"params": list(self.model.parameters()), "lr": o.lr}]  # one group, as ever
+        else:
+            backbone = {id(p) for p in self._backbone.parameters()}
+            groups = [{"params": [p for p in self.model.parameters() if id(p) not in backbone], "lr": o.lr}]
+            if o.backbone_lr_scale > 0:
+                groups.append({"params": list(self._backbone.parameters()), "lr": o.lr * o.backbone_lr_scale})
         opt = build_optimizer(groups, self.cfg.optim)
         sched = build_scheduler(opt, self.cfg.optim, self.steps_per_epoch, self.cfg.train.epochs)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
