@@ -28,6 +28,16 @@ TINY_SEG = [
     "train.max_minutes=null",
 ]
 
+# The classification counterpart: a tiny untrained ResNet on 32 px images for one epoch on one thread.
+TINY_CLS = [
+    "model.arch=resnet10t",
+    "model.pretrained=none",
+    "augment.image_size=32",
+    "train.epochs=1",
+    "train.max_minutes=null",
+    "train.threads=1",
+]
+
 
 def shared_path(*parts: str) -> Path:
     """Path under ../shared/data; the test is skipped when it is absent (real data is never in the repo)."""

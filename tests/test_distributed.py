@@ -117,6 +117,7 @@ def test_predict_devices_two_processes_matches_single(synth_oct_dir, tmp_path):
     import pandas as pd
     from typer.testing import CliRunner
 
+    from conftest import TINY_CLS
     from medstudent.cli import app
     from medstudent.config import load_config
     from medstudent.training.train import train
@@ -127,12 +128,7 @@ def test_predict_devices_two_processes_matches_single(synth_oct_dir, tmp_path):
             f"data.root={synth_oct_dir}",
             f"train.output_dir={tmp_path}",
             "train.name=p2",
-            "model.arch=resnet10t",
-            "model.pretrained=none",
-            "augment.image_size=32",
-            "train.epochs=1",
-            "train.max_minutes=null",
-            "train.threads=1",
+            *TINY_CLS,
         ],
     )
     run = train(cfg, progress=False)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import TINY_SEG
+from conftest import TINY_CLS, TINY_SEG
 from medstudent.cli import app
 from medstudent.config import LossConfig, load_config
 from medstudent.data.layouts import open_classification
@@ -305,12 +305,7 @@ def test_cv_runs_noisy_student_per_fold(synth_oct_dir, tmp_path):
             f"train.output_dir={tmp_path / 'runs'}",
             "train.name=nscv",
             "data.n_folds=2",
-            "model.arch=resnet10t",
-            "model.pretrained=none",
-            "augment.image_size=32",
-            "train.epochs=1",
-            "train.max_minutes=null",
-            "train.threads=1",
+            *TINY_CLS,
             "predict.tta=none",
             "selftrain.labeled_fraction=0.5",
             "selftrain.threshold=0.0",
