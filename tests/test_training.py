@@ -16,7 +16,13 @@ from medstudent.cli import app
 from medstudent.config import OptimConfig, load_config
 from medstudent.data.layouts import open_segmentation
 from medstudent.errors import ConfigError, DataError
-from medstudent.inference.predict import ensemble_probs, load_predictor, predict_probs, predict_seg_probs
+from medstudent.inference.predict import (
+    ensemble_probs,
+    load_predictor,
+    predict_probs,
+    predict_seg_probs,
+    resolve_device,
+)
 from medstudent.inference.tta import forward_op, inverse_op, tta_mean, tta_ops
 from medstudent.training.losses import IGNORE, DeepSupervisionLoss, SegmentationLoss
 from medstudent.training.optim import lr_factor
@@ -179,6 +185,28 @@ def test_missing_checkpoint_error(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(DataError, match=r"bad\.ckpt: cannot read checkpoint"):
         load_predictor(bad)
+
+
+def test_prediction_device_choice(trained_run, synth_stas_dir, tmp_path):
+    """--device: auto is the CPU on a machine without CUDA (a GPU where there is one); a GPU that is not
+    there, or an unknown device, is a one-line error; the predictor's inputs follow the model's device."""
+    auto = resolve_device("auto")
+    assert auto.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("CPU") == torch.device("cpu")
+    with pytest.raises(DataError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
+    pred = load_predictor(trained_run, device="auto")
+    assert pred.device == auto
+    img = np.random.default_rng(2).integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    assert predict_seg_probs(pred, img, "flip").shape == (70, 90)
+    if torch.cuda.is_available():
+        return
+    imgs = str(synth_stas_dir / "Train_Images")
+    for dev, msg in (("cuda", "CUDA is not available"), ("mps", "unsupported device 'mps'")):
+        args = ["predict", str(trained_run), "-i", imgs, "-o", str(tmp_path), "--device", dev]
+        res = runner.invoke(app, args)
+        assert res.exit_code == 1 and msg in res.output, res.output
+        assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1
 
 
 def test_unknown_encoder_error_through_cli(synth_stas_dir, tmp_path):

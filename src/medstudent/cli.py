@@ -313,7 +313,10 @@ def predict_cmd(
     tile: Annotated[
         int | None, typer.Option(help="force sliding-window inference with this tile size")
     ] = None,
-    bf16: Annotated[bool, typer.Option(help="bf16 autocast on CPU (torch engine)")] = False,
+    bf16: Annotated[bool, typer.Option(help="bf16 autocast (torch engine; CPU or GPU)")] = False,
+    device: Annotated[
+        str, typer.Option(help="torch engine: auto (a GPU when there is one), cpu, cuda, cuda:N")
+    ] = "auto",
     engine: Annotated[
         str, typer.Option(help="torch (run folders) or onnx (a `medstudent export` folder, no torch)")
     ] = "torch",
@@ -327,6 +330,10 @@ def predict_cmd(
     devices: Annotated[
         int, typer.Option(help="processes that share the images (under torchrun/srun: the launcher's ranks)")
     ] = 1,
+    int8: Annotated[
+        bool | None,
+        typer.Option("--int8/--fp32", help="onnx engine: int8 or float32 graphs (default: pipeline.json)"),
+    ] = None,
 ) -> None:
     """Predict masks (segmentation) or class probabilities (classification) for a folder of images."""
     from medstudent.distributed import launch_local, rank_world
@@ -342,6 +349,8 @@ def predict_cmd(
             raise DataError(None, "--engine onnx takes one exported model folder")
         if bf16:
             raise DataError(None, "--bf16 is for the torch engine")
+        if device not in ("auto", "cpu"):
+            raise DataError(None, "--device is for the torch engine (ONNX Runtime runs on the CPU)")
         with console.status("predicting (ONNX Runtime)") as status:
             summary = predict_onnx_folder(
                 runs[0],
@@ -355,14 +364,18 @@ def predict_cmd(
                 save_probs=probs,
                 save_labelme=labelme,
                 save_overlays=overlays,
+                int8=int8,
                 on_image=lambda n, total, p: status.update(f"predicting {n + 1}/{total}: {p.name}"),
             )
         _report_prediction(summary, len(summary["members"]), out)
         return
+    if int8 is not None:
+        raise DataError(None, "--int8/--fp32 choose the graphs of the onnx engine")
     from medstudent.inference.folder import collect_images, predict_folder
-    from medstudent.inference.predict import expand_runs, load_predictor, predict_probs
+    from medstudent.inference.predict import expand_runs, load_predictor, predict_probs, resolve_device
 
-    predictors = [load_predictor(p) for p in expand_runs(runs)]
+    dev = resolve_device(device)
+    predictors = [load_predictor(p, device=dev) for p in expand_runs(runs)]
     first = predictors[0]
     tta = tta or first.cfg.predict.tta
     ensemble = ensemble or first.cfg.predict.ensemble
@@ -429,7 +442,7 @@ def export_cmd(
         str,
         typer.Option(
             "--int8",
-            help="also write int8 graphs: dynamic, or static (calibrated; segmentation: decoder only); "
+            help="also write int8 graphs: dynamic, or static (calibrated; segmentation: decoder convs only); "
             "recorded but off until checked",
         ),
     ] = "none",

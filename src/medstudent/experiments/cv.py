@@ -141,7 +141,7 @@ def score_models(
 
     if not models:
         raise DataError(None, "no models to score")
-    predictors = [load_predictor(m) for m in models]
+    predictors = [load_predictor(m, device="auto") for m in models]
     first = predictors[0]
     ds = open_task_dataset(cfg)
     index = {i: n for n, i in enumerate(ds.ids())}

@@ -19,7 +19,7 @@ from medstudent.inference.predict import load_predictor, predict_seg_probs
 
 def validation_maps(run: Path, tta: str | None = None, progress: Callable[[str], None] | None = None):
     """(probability maps, ground truths, ids) of the run's validation fold, at the original image size."""
-    pred = load_predictor(run)
+    pred = load_predictor(run, device="auto")
     if pred.task != "segmentation":
         raise DataError(run, "post-processing is tuned for segmentation runs only")
     cfg = pred.cfg

@@ -290,7 +290,7 @@ def _predict_fn(
 ) -> tuple[Callable[[np.ndarray], np.ndarray], list]:
     from medstudent.inference.predict import load_predictor, predict_probs
 
-    predictors = [load_predictor(d) for d in dirs]
+    predictors = [load_predictor(d, device="auto") for d in dirs]
     precision = "bf16" if cfg.train.precision == "bf16" else "32"
     return (
         lambda img: predict_probs(predictors, img, tta=tta, ensemble="mean", precision=precision)
