@@ -3,14 +3,19 @@
 Exports the trained `bench_out/stas_cpu/stas_cpu/fold_0` run (fp32, and int8: static quantisation of the
 decoder, calibrated on 16 of the run's training images), then, on 20
 of its 64 held-out test images at full size (1716x942), measures seconds per image of every variant without
-TTA and with flip TTA, in one process, interleaved image by image (the variant order rotates) so that load
+TTA and with flip TTA (--repeat R: R times each), in one process, interleaved image by image (the variant
+order rotates) so that load
 from other processes hits all variants alike. Time = preprocessing + network (+ TTA) + resizing back to full
 size, i.e. the probability map `predict` thresholds; image decoding and post-processing (identical for all
-variants) are left out, post-processing time is reported on its own. Dice: mean over images, with the run's
+variants) are left out, post-processing time is reported on its own. Each timed call starts after
+--gap idle seconds: torch's OpenMP workers and ONNX Runtime's pool keep spinning for a while after a call,
+and in an interleaved run that spinning lands on the next variant's time (it made ONNX Runtime's network
+pass 0.31 s instead of its 0.24 s alone, session 4); a deployment runs one engine, so no variant should pay
+for another's. Dice: mean over images, with the run's
 tuned post-processing (what `predict` writes) and with a plain 0.5 threshold, against the ground truth.
 Also a network-only timing at the model's input size (480x864). Writes bench_out/onnx_speed.json.
 
-    .venv/bin/python benchmarks/onnx_speed.py [--images 20] [--run bench_out/stas_cpu/stas_cpu/fold_0]
+    .venv/bin/python benchmarks/onnx_speed.py [--images 20] [--repeat 1] [--gap 0.5] [--run RUN_DIR]
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ def main() -> int:
     ap.add_argument("--run", type=Path, default=RUN)
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--images", type=int, default=20)
+    ap.add_argument("--repeat", type=int, default=1, help="time every image this many times (interleaved)")
+    ap.add_argument("--gap", type=float, default=0.5, help="idle seconds before each timed call")
     ap.add_argument("--out", type=Path, default=ROOT / "bench_out" / "onnx_speed.json")
     ap.add_argument("--export-dir", type=Path, default=ROOT / "bench_out" / "onnx_export" / "stas_cpu")
     args = ap.parse_args()
@@ -77,6 +84,8 @@ def main() -> int:
     pred_cl = dataclasses.replace(pred, model=copy.deepcopy(pred.model).to(memory_format=torch.channels_last))
     fp32 = OnnxPipeline(args.export_dir, threads=cores)
     int8 = OnnxPipeline(args.export_dir, threads=cores, int8=True)
+    fp32_seq = OnnxPipeline(args.export_dir, threads=cores, parallel_passes=False)
+    int8_seq = OnnxPipeline(args.export_dir, threads=cores, int8=True, parallel_passes=False)
 
     variants: dict[str, Callable[[np.ndarray, str], np.ndarray]] = {
         "torch eager fp32": lambda img, tta: predict_seg_probs(pred, img, tta, "32"),
@@ -84,6 +93,9 @@ def main() -> int:
         "torch bf16 autocast, channels-last": lambda img, tta: predict_seg_probs(pred_cl, img, tta, "bf16"),
         "ONNX Runtime fp32": lambda img, tta: fp32.predict_probs(img, tta=tta),
         INT8: lambda img, tta: int8.predict_probs(img, tta=tta),
+        # the runner's default runs the TTA passes side by side, one core each; these run them one by one
+        "ONNX Runtime fp32, passes one by one": lambda img, tta: fp32_seq.predict_probs(img, tta=tta),
+        INT8 + ", passes one by one": lambda img, tta: int8_seq.predict_probs(img, tta=tta),
     }
     names = list(variants)
     ds = open_segmentation(args.data)
@@ -108,11 +120,13 @@ def main() -> int:
         gt = gt > 0
         order = names[i % len(names) :] + names[: i % len(names)]
         out: dict[tuple[str, str], np.ndarray] = {}
-        for n in order:
-            for tta in TTAS:
-                t = time.perf_counter()
-                out[(n, tta)] = variants[n](img, tta)
-                secs[(n, tta)].append(time.perf_counter() - t)
+        for _ in range(args.repeat):
+            for n in order:
+                for tta in TTAS:
+                    time.sleep(args.gap)  # let the previous engine's spinning worker threads go idle
+                    t = time.perf_counter()
+                    out[(n, tta)] = variants[n](img, tta)
+                    secs[(n, tta)].append(time.perf_counter() - t)
         masks = {}
         for (n, tta), p in out.items():
             t = time.perf_counter()
@@ -169,10 +183,13 @@ def main() -> int:
         "torch bf16 autocast, channels-last": torch_net(pred_cl.model, True),
         "ONNX Runtime fp32": lambda: fp32.members[0].run(x),
         INT8: lambda: int8.members[0].run(x),
+        "ONNX Runtime fp32, one thread": lambda: fp32.members[0].run_solo(x),
+        INT8 + ", one thread": lambda: int8.members[0].run_solo(x),
     }
     net_s: dict[str, list[float]] = {n: [] for n in nets}
     for _ in range(7):
         for n, f in nets.items():
+            time.sleep(args.gap)
             t = time.perf_counter()
             f()
             net_s[n].append(time.perf_counter() - t)
@@ -191,6 +208,8 @@ def main() -> int:
         "caveat": "the CPU is shared with other processes; ratios are more reliable than absolute times",
         "load_average_start_end": [list(load_start), list(os.getloadavg())],
         "data": f"{args.data}: {len(test_ids)} held-out test images of {args.run / 'split.json'}, full size",
+        "repeat": args.repeat,
+        "gap_s": args.gap,
         "run": str(args.run),
         "images": test_ids,
         "export_seconds": export_s,

@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--folds", type=int, default=5, help="folds of the 256 non-test images (10: 230 train)")
+    ap.add_argument("--d4", action="store_true", help="also score d4 TTA (8 passes per image)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     from medstudent.config import load_config
@@ -76,7 +77,7 @@ def main() -> None:
     pred = load_predictor(run)
     split = json.loads(split_path.read_text())
     index = {i: k for k, i in enumerate(ds.ids())}
-    gts, p_none, p_flip, secs = [], [], [], []
+    gts, p_none, p_flip, p_d4, secs = [], [], [], [], []
     for tid in split["test"]:
         img, gt = ds.load(index[tid])
         gts.append(gt > 0)
@@ -84,6 +85,8 @@ def main() -> None:
         p_none.append(predict_seg_probs(pred, img, "none", precision="bf16"))
         secs.append(time.perf_counter() - t)
         p_flip.append(predict_seg_probs(pred, img, "flip", precision="bf16"))
+        if args.d4:
+            p_d4.append(predict_seg_probs(pred, img, "d4", precision="bf16"))
     res = {
         "date": str(date.today()),
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
@@ -98,6 +101,11 @@ def main() -> None:
             "no TTA + post-processing": mean_dice([postprocess(p, pred.postprocess) for p in p_none], gts),
             "flip TTA + post-processing": mean_dice([postprocess(p, pred.postprocess) for p in p_flip], gts),
         },
+        **(
+            {"test_mean_dice_d4_tta_post": mean_dice([postprocess(p, pred.postprocess) for p in p_d4], gts)}
+            if args.d4
+            else {}
+        ),
         "test_pooled_dice_flip_post": pooled_dice([postprocess(p, pred.postprocess) for p in p_flip], gts),
         "inference_s_per_image_no_tta_bf16": float(np.mean(secs)),
         "peak_ram_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,

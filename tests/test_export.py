@@ -22,9 +22,18 @@ from medstudent.cli import app
 from medstudent.config import PostprocessConfig, load_config
 from medstudent.data.io import read_image
 from medstudent.errors import DataError
+from medstudent.inference.export import export_model
 from medstudent.inference.postprocess import postprocess
 from medstudent.inference.predict import load_predictor, predict_probs
-from medstudent.runner import OnnxPipeline, choose_plan, predict_onnx_folder, read_pipeline, sliding_window
+from medstudent.runner import (
+    OnnxPipeline,
+    choose_plan,
+    pass_rounds,
+    passes_cost,
+    predict_onnx_folder,
+    read_pipeline,
+    sliding_window,
+)
 from medstudent.training.train import train
 from test_training import TINY
 
@@ -100,7 +109,7 @@ def few_images(synth_stas_dir, tmp_path_factory) -> Path:
     return d
 
 
-def test_export_writes_graphs_and_contract(seg_model, seg_runs):
+def test_export_writes_graphs_and_contract(seg_model, seg_runs, tmp_path):
     spec = json.loads((seg_model / "pipeline.json").read_text())
     assert spec["task"] == "segmentation" and spec["binary"] and spec["class_names"][0] == "background"
     assert spec["tta"] == "flip" and spec["ensemble"] == {"mode": "mean", "weights": [0.5, 0.5]}
@@ -116,7 +125,14 @@ def test_export_writes_graphs_and_contract(seg_model, seg_runs):
         assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
         dims = [d.dim_param for d in graph.graph.input[0].type.tensor_type.shape.dim]
         assert dims == ["batch", "", "height", "width"]  # dynamic except the channel axis
+        # FPN's merge of the four levels is a chain of Adds, not Concat + ReduceSum over a stacked copy
+        ops = [n.op_type for n in graph.graph.node]
+        assert "ReduceSum" not in ops and ops.count("Add") >= 3
         assert (seg_model / m["int8_file"]).is_file()
+    # the merge is traced as additions only during the export; the model keeps smp's forward
+    pred = load_predictor(seg_runs[0])
+    export_model(pred, tmp_path / "again.onnx")
+    assert all("forward" not in vars(m) for m in pred.model.modules())
 
 
 def test_onnx_matches_torch_with_tta_tiles_and_ensembles(seg_model, seg_runs, few_images):
@@ -214,6 +230,22 @@ def test_cli_onnx_engine_same_files_as_torch_without_importing_torch(
         assert (out_o / "overlays" / name).is_file()
 
 
+def test_tta_passes_side_by_side_match_sequential(seg_model, few_images):
+    """With two threads the runner runs TTA passes concurrently on single-threaded sessions; the
+    probabilities are those of the passes run one after another."""
+    img = read_image(sorted(few_images.glob("*.jpg"))[0])
+    side = OnnxPipeline(seg_model, threads=2)
+    seq = OnnxPipeline(seg_model, threads=2, parallel_passes=False)
+    for tta in ("flip", "d4"):
+        np.testing.assert_allclose(
+            side.predict_probs(img, tta=tta), seq.predict_probs(img, tta=tta), atol=1e-5, rtol=0
+        )
+    assert all(m.solo is not None for m in side.members) and all(m.solo is None for m in seq.members)
+    assert OnnxPipeline(seg_model, threads=1).parallel_passes is False
+    plan = side.calibrate(img, 1000, tta="d4")
+    assert all(c["round_s"] > 0 and c["threads"] == 2 for c in plan.costs)
+
+
 def test_budget_plan_rule():
     costs = [{"fixed_s": 0.1, "pass_s": 1.0}, {"fixed_s": 0.1, "pass_s": 2.0}]
     kw = {"task": "segmentation", "max_tta": "d4", "overhead_s": 0.2}
@@ -232,6 +264,11 @@ def test_budget_plan_rule():
     assert not cheap.fits and (cheap.tta, cheap.members) == ("none", [0]) and "exceeds" in cheap.summary()
     cls = choose_plan(2.5, [{"fixed_s": 0, "pass_s": 1.0}], task="classification", max_tta="d4")
     assert cls.tta == "flip" and cls.estimate_s == 2.0  # classification TTA = image + mirror
+    # passes side by side: 2 threads run d4's 8 passes in 4 rounds, flip's 3 in 1 round + 1 pass alone
+    assert [pass_rounds(n, 2) for n in (1, 3, 8)] == [(0, 1), (1, 1), (4, 0)] and pass_rounds(8, 1) == (0, 8)
+    side = {"fixed_s": 0.0, "pass_s": 1.0, "round_s": 1.25, "threads": 2}
+    assert [passes_cost(side, n) for n in (1, 3, 8)] == [1.0, 2.25, 5.0]
+    assert choose_plan(5.0, [side], task="segmentation", max_tta="d4").tta == "d4"  # 8 x 1.0 would not fit
 
 
 def test_budget_seconds_measures_and_reports(seg_model, seg_runs, few_images, tmp_path):
@@ -242,7 +279,7 @@ def test_budget_seconds_measures_and_reports(seg_model, seg_runs, few_images, tm
     plan = s["plan"]
     assert (plan["tta"], plan["members"], plan["fits"]) == ("d4", [0, 1], True) and s["tta"] == "d4"
     assert all(c["pass_s"] > 0 and c["fixed_s"] > 0 for c in plan["costs"])  # measured on the image
-    expect = plan["overhead_s"] + sum(c["fixed_s"] + 8 * c["pass_s"] for c in plan["costs"])
+    expect = plan["overhead_s"] + sum(c["fixed_s"] + passes_cost(c, 8) for c in plan["costs"])
     assert plan["estimate_s"] == pytest.approx(expect)
     for engine, model, budget, shown in (
         ("onnx", [str(seg_model)], "0.000001", "TTA none, 1/2 model(s) [0], estimated"),
@@ -266,9 +303,9 @@ def test_int8_graphs_run_close_to_fp32(seg_model, few_images):
 
 def test_static_int8_quantises_the_decoder_only(seg_runs, few_images, tmp_path):
     """--int8 static: calibrated QDQ graph whose convolutions with int8 weights are exactly the
-    decoder's and head's (the encoder's stay float32); it runs close to float32; without calibration
+    decoder's (the encoder's and the head's stay float32); it runs close to float32; without calibration
     images it is a one-line error."""
-    from medstudent.inference.export import _in_decoder_or_head
+    from medstudent.inference.export import _in_decoder
 
     out = tmp_path / "static"
     args = ["export", str(seg_runs[0]), "-o", str(out), "--int8", "static"]
@@ -283,12 +320,33 @@ def test_static_int8_quantises_the_decoder_only(seg_runs, few_images, tmp_path):
     convs = [n for n in graph.node if n.op_type == "Conv"]
     quantised = {n.name: producer.get(n.input[1]) == "DequantizeLinear" for n in convs}  # the weights
     assert any(quantised.values()) and not all(quantised.values())
-    wrong = [name for name, q in quantised.items() if q != _in_decoder_or_head(name)]
+    wrong = [name for name, q in quantised.items() if q != _in_decoder(name)]
     assert not wrong, wrong
+    # only convolutions run in int8: ONNX Runtime fuses them to QLinearConv and nothing else is quantised
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(str(out / spec["members"][0]["int8_file"]), so, providers=["CPUExecutionProvider"])
+    fused = {n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node}
+    assert "QLinearConv" in fused and not fused & {"QLinearAdd", "QLinearMul", "QLinearConcat"}, fused
     img = read_image(next(few_images.glob("*.jpg")))
     fp32 = OnnxPipeline(out, int8=False).predict_probs(img, tta="none")
     got = OnnxPipeline(out, int8=True).predict_probs(img, tta="none")
     assert got.shape == fp32.shape and np.abs(got - fp32).mean() < 0.02
+    # predict --int8 runs the int8 graphs; an export without them says so in one line
+    args = ["predict", "--engine", "onnx", "-i", str(few_images), "--tta", "none", "--no-overlays", "--probs"]
+    res = runner.invoke(app, [*args, str(out), "-o", str(tmp_path / "q"), "--int8"])
+    assert res.exit_code == 0, res.output
+    stem = next(few_images.glob("*.jpg")).stem
+    written = np.asarray(Image.open(tmp_path / "q" / "probs" / f"{stem}.png"), dtype=np.float32) / 255
+    assert np.abs(written - got).max() <= 0.5 / 255 + 1e-6  # the int8 map, rounded to 8 bits
+    fp32_only = tmp_path / "fp32_only"
+    res = runner.invoke(app, ["export", str(seg_runs[0]), "-o", str(fp32_only)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, [*args, str(fp32_only), "-o", str(tmp_path / "r"), "--int8"])
+    assert res.exit_code == 1 and "no int8 graphs" in res.output, res.output
 
 
 def test_classification_export_and_onnx_predict_csv(synth_oct_dir, tmp_path):

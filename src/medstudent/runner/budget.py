@@ -6,9 +6,12 @@ is then pure arithmetic, so it is tested without timing anything.
 
 Rule: candidates are the TTA sets up to the requested one (none < flip < d4) times the k members with the
 largest ensemble weights (k = 1..M). Estimated seconds per image = overhead (post-processing) + the sum over
-the chosen members of (fixed + passes x pass). Among the plans that fit, the one with the most network passes
-in all wins, ties going to more members (ensembles usually gain more than extra TTA views), then to the
-cheaper plan. When nothing fits, the cheapest plan is used and the plan says it does not fit.
+the chosen members of (fixed + cost of the passes). The passes cost passes x pass, or, where the runner runs
+them side by side (`round_s` measured: `threads` single-threaded passes at once), full rounds x round plus
+the remaining passes x pass (`passes_cost`, the rule of `pass_rounds`). Among the plans that fit, the one
+with the most network passes in all wins, ties going to more members (ensembles usually gain more than
+extra TTA views), then to the cheaper plan. When nothing fits, the cheapest plan is used and the plan says
+it does not fit.
 """
 
 from __future__ import annotations
@@ -29,6 +32,23 @@ def tta_passes(task: str, tta: str) -> int:
     if task == "classification":
         return 1 if tta == "none" else 2
     return len(TTA_SETS[tta])
+
+
+def pass_rounds(passes: int, threads: int) -> tuple[int, int]:
+    """How the ONNX runner schedules `passes` independent network passes on `threads` cores: full rounds of
+    `threads` concurrent single-threaded passes, then the rest one after another with all threads.
+    Returns (rounds, rest); no rounds with fewer passes than threads or one thread."""
+    if threads <= 1 or passes < threads:
+        return 0, passes
+    return divmod(passes, threads)
+
+
+def passes_cost(cost: dict[str, float], passes: int) -> float:
+    """Seconds for `passes` network passes of one member, from its measured costs."""
+    if "round_s" not in cost:
+        return passes * cost["pass_s"]
+    rounds, rest = pass_rounds(passes, int(cost.get("threads", 1)))
+    return rounds * cost["round_s"] + rest * cost["pass_s"]
 
 
 @dataclass
@@ -62,7 +82,8 @@ def choose_plan(
     weights: list[float] | None = None,
     overhead_s: float = 0.0,
 ) -> BudgetPlan:
-    """The plan for `budget_s` seconds per image; `costs[i]` = {"fixed_s", "pass_s"} of member i."""
+    """The plan for `budget_s` seconds per image; `costs[i]` = {"fixed_s", "pass_s"} of member i, plus
+    {"round_s", "threads"} where its passes can run concurrently."""
     if not costs:
         raise ValueError("choose_plan: no members")
     if budget_s <= 0:
@@ -78,7 +99,7 @@ def choose_plan(
         n = tta_passes(task, tta)
         for k in range(1, len(order) + 1):
             chosen = order[:k]
-            est = overhead_s + sum(costs[i]["fixed_s"] + n * costs[i]["pass_s"] for i in chosen)
+            est = overhead_s + sum(costs[i]["fixed_s"] + passes_cost(costs[i], n) for i in chosen)
             cand = (tta, chosen, est)
             if cheapest is None or est < cheapest[2]:
                 cheapest = cand
