@@ -107,17 +107,15 @@ def _sums_as_adds(model: nn.Module):
     """
     from segmentation_models_pytorch.decoders.fpn.decoder import MergeBlock
 
-    def add_chain(self: MergeBlock, x: list[torch.Tensor]) -> torch.Tensor:
-        if self.policy != "add":
-            return torch.cat(x, dim=1)
+    def add_chain(x: list[torch.Tensor]) -> torch.Tensor:
         out = x[0]
         for t in x[1:]:
             out = out + t
         return out
 
-    blocks = [m for m in model.modules() if isinstance(m, MergeBlock)]
+    blocks = [m for m in model.modules() if isinstance(m, MergeBlock) and m.policy == "add"]
     for m in blocks:
-        m.forward = add_chain.__get__(m)  # instance attribute shadows the class method
+        m.forward = add_chain  # an instance attribute shadows the class method
     try:
         yield
     finally:

@@ -11,7 +11,7 @@ Runtime graph optimisation (constant folding, Conv+BN/activation fusion, NCHWc l
 passes of an image are independent, and one pass does not use two cores fully (stas_cpu graph at 864x480,
 fp32: 0.53 s on one core, 0.28-0.33 s on two; two single-threaded passes side by side: 0.27 s per pass),
 so with several cores the passes run concurrently, one single-threaded session per core
-(`runner.budget.pass_rounds`); a pass left over runs alone with all threads. Flip TTA gained 3-7%.
+(`runner.budget.pass_rounds`); a pass left over runs alone with all threads. Flip TTA gained 2-9%.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class Member:
     solo: ort.InferenceSession | None = None  # one intra-op thread, for passes run side by side
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"input": np.ascontiguousarray(x, dtype=np.float32)})[0]
+        return _run(self.session, x)
 
     def open_solo(self) -> ort.InferenceSession:
         """The single-threaded session, created on first use (from the calling thread, not a worker)."""
@@ -79,7 +79,11 @@ class Member:
         return self.solo
 
     def run_solo(self, x: np.ndarray) -> np.ndarray:
-        return self.open_solo().run(None, {"input": np.ascontiguousarray(x, dtype=np.float32)})[0]
+        return _run(self.open_solo(), x)
+
+
+def _run(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
+    return session.run(None, {"input": np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
 def read_pipeline(model_dir: str | Path) -> dict[str, Any]:
@@ -224,7 +228,7 @@ class OnnxPipeline:
             side = ops[: rounds * self.threads] if size is None else []  # tiled passes stay sequential
             if side:
                 m.open_solo()
-            ys = list(self._map(lambda op: one(op, m.run_solo), side)) + [one(op) for op in ops[len(side) :]]
+            ys = self._map(lambda op: one(op, m.run_solo), side) + [one(op) for op in ops[len(side) :]]
             total = ys[0]
             for y in ys[1:]:  # in TTA order, as the sequential sum
                 total = total + y
