@@ -95,6 +95,9 @@ def main() -> None:
         "tuned_postprocess": tune["best"],
         "val_dice_plain": tune["dice_plain"],
         "val_dice_tuned": tune["dice_tuned"],
+        "val_dice_configured": tune.get("dice_configured"),
+        "val_dice_held_out": tune.get("dice_held_out"),
+        "tuned_adopted": tune.get("adopted"),
         "test_mean_dice": {
             "no TTA, threshold 0.5": mean_dice([p > 0.5 for p in p_none], gts),
             "flip TTA, threshold 0.5": mean_dice([p > 0.5 for p in p_flip], gts),

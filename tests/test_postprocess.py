@@ -181,6 +181,7 @@ def test_tune_postprocess_finds_min_area_for_noise_specks():
         "fill_holes": [False, True],
     }
     best, df = tune_postprocess(probs, gts, grid=grid)
+    assert df.attrs["adopted"] and df.attrs["held_out"] > df.attrs["configured"]  # the guard lets it pass
     assert best.min_area == 10 and not best.hysteresis
     assert best.closing == 0 and best.fill_holes is False  # ties go to the simpler setting
     assert df["mean_dice"].iloc[0] == pytest.approx(1.0)
@@ -221,3 +222,28 @@ def test_tune_postprocess_rejects_bad_input():
         tune_postprocess(probs, gts[:1])
     with pytest.raises(DataError):
         tune_postprocess(probs, gts, grid={"thresh": [0.5]})
+
+
+def test_tune_postprocess_guard_keeps_the_configured_setting_when_tuning_does_not_generalise():
+    # Three images, each a 400 px lesion at p=0.9 plus 100-200 px at an intermediate probability that is
+    # lesion in some images and not in others, so the best threshold on all images does not carry over.
+    def case(extra_px: int, p_extra: float, is_lesion: bool) -> tuple[np.ndarray, np.ndarray]:
+        gt = np.zeros((40, 60), bool)
+        gt[:20, :20] = True
+        p = np.where(gt, 0.9, 0.05).astype(np.float32)
+        extra = np.zeros_like(gt)
+        extra[30 : 30 + extra_px // 20, 30:50] = True
+        p[extra] = p_extra
+        return p, gt | extra if is_lesion else gt
+
+    a, b, c = case(200, 0.4, True), case(100, 0.4, False), case(100, 0.6, True)
+    probs, gts = [a[0], b[0], c[0]], [a[1], b[1], c[1]]
+    base = PostprocessConfig(threshold=0.5)
+    best, df = tune_postprocess(probs, gts, grid={"threshold": [0.3, 0.5, 0.7]}, base=base)
+    # on all three, 0.3 wins (0.963 vs 0.933 for 0.5); left out, A gets 0.5 (0.8) and B gets 0.3 (0.889)
+    assert df.attrs["tuned"] == pytest.approx((1 + 800 / 900 + 1) / 3)
+    assert df.attrs["configured"] == pytest.approx((0.8 + 1 + 1) / 3)
+    assert df.attrs["held_out"] == pytest.approx((0.8 + 800 / 900 + 1) / 3)
+    assert not df.attrs["adopted"] and best == base
+    best2, df2 = tune_postprocess(probs, gts, grid={"threshold": [0.3, 0.5, 0.7]}, base=base, guard=False)
+    assert best2.threshold == 0.3 and df2.attrs["adopted"]

@@ -380,3 +380,50 @@ def test_freezing_under_ddp_needs_find_unused(synth_stas_dir, tmp_path):
         build_trainer(cfg, tmp_path / "run", progress=False)
     with pytest.raises(ValueError, match="backbone_lr_scale"):
         OptimConfig(backbone_lr_scale=-1)
+
+
+def test_ema_checkpoints_hold_the_averaged_weights_and_resume(synth_stas_dir, tmp_path):
+    cfg = tiny_cfg(
+        synth_stas_dir, tmp_path, "train.epochs=2", "train.name=ema", "train.ema=0.5", "optim.lr=0.003"
+    )
+    run = train(cfg, progress=False)
+    ck = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    avg, cur = ck["state_dict"], ck["current_model_state"]
+    assert avg.keys() == cur.keys()
+    moved = [k for k in avg if avg[k].is_floating_point() and not torch.equal(avg[k], cur[k])]
+    assert moved  # the averaged weights are not the last training weights
+    # predict loads the averaged weights (the checkpoint's state_dict)
+    pred = load_predictor(run / "checkpoints" / "last.ckpt")
+    k = next(k for k in moved if k.startswith("model."))
+    loaded = dict(pred.model.named_parameters()) | dict(pred.model.named_buffers())
+    assert torch.equal(loaded[k[len("model.") :]].float(), avg[k].float())
+    cfg3 = tiny_cfg(synth_stas_dir, tmp_path, "train.epochs=3", "train.name=ema", "train.ema=0.5")
+    train(cfg3, resume=True, progress=False)
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 3
+    with pytest.raises(ConfigError, match=r"train\.ema: .*a decay in \[0, 1\) is needed"):
+        tiny_cfg(synth_stas_dir, tmp_path, "train.ema=1.0")
+
+
+def test_tune_postprocess_writes_the_setting_it_reports(trained_run, tmp_path):
+    import shutil
+
+    from medstudent.inference.tune import tune_run
+
+    configured = load_predictor(trained_run).postprocess.model_dump(mode="json")
+    run = tmp_path / "api" / "fold_0"
+    shutil.copytree(trained_run, run)
+    res = tune_run(run, tta="none")
+    written = json.loads((run / "postprocess.json").read_text())
+    assert written == res["best"] and load_predictor(run).postprocess.model_dump(mode="json") == written
+    if res["adopted"]:
+        assert res["dice_held_out"] > res["dice_configured"]
+    else:
+        assert written == configured and res["dice_held_out"] <= res["dice_configured"]
+    assert res["dice_tuned"] >= res["dice_held_out"] - 1e-9  # left-out scoring can only lose
+    assert len(list((run / "predictions" / "val").glob("*.png"))) == res["images"]
+    cli_run = tmp_path / "cli" / "fold_0"
+    shutil.copytree(trained_run, cli_run)
+    out = runner.invoke(app, ["tune-postprocess", str(cli_run), "--tta", "none"])
+    assert out.exit_code == 0, out.output
+    assert "leave-one-image-out" in out.output and "tuned setting adopted" in out.output
+    assert json.loads((cli_run / "postprocess.json").read_text()) == written  # same maps, same choice

@@ -536,7 +536,10 @@ def tune_postprocess_cmd(
             {
                 "validation images": res["images"],
                 "mean Dice, plain 0.5 threshold": f"{res['dice_plain']:.4f}",
-                "mean Dice, tuned": f"{res['dice_tuned']:.4f}",
+                "mean Dice, configured post-processing": f"{res['dice_configured']:.4f}",
+                "mean Dice, best of the grid": f"{res['dice_tuned']:.4f}",
+                "mean Dice, search scored leave-one-image-out": f"{res['dice_held_out']:.4f}",
+                "tuned setting adopted": "yes" if res["adopted"] else "no: it did not win held out",
                 "setting": res["best"],
                 "written": res["path"],
             },

@@ -121,6 +121,16 @@ class TrainConfig(Section):
     threads: int | None = None
     channels_last: bool = True  # oneDNN convolutions are ~25% faster in NHWC on CPU
     limit_train_batches: int | float | None = None
+    # Exponential moving average of the weights (decay per optimizer step; 0 = off). Validation and the
+    # saved checkpoints use the averaged weights, so the best-checkpoint pick reads a smoothed curve.
+    ema: float = 0.0
+
+    @field_validator("ema")
+    @classmethod
+    def _ema_range(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"a decay in [0, 1) is needed (0 = off), got {v}")
+        return v
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -104,9 +104,11 @@ def _demo_stas(out: Path, minutes: float | None, seed: int, console: Console, sm
     tune = tune_run(
         run, tta="flip", grid=None if not small else {"threshold": [0.4, 0.5], "min_area": [0, 30]}
     )
+    verdict = "adopted" if tune["adopted"] else "not adopted, configured setting kept"
     console.print(
-        f"validation mean Dice {tune['dice_plain']:.3f} (threshold 0.5) -> {tune['dice_tuned']:.3f} "
-        f"(tuned: {tune['best']})"
+        f"validation mean Dice {tune['dice_configured']:.3f} (configured post-processing) -> "
+        f"{tune['dice_tuned']:.3f} (best of the grid), {tune['dice_held_out']:.3f} scored leave-one-out: "
+        f"{verdict} ({tune['best']})"
     )
     pred = load_predictor(run)
     test_dir = out / "test_images"

@@ -1,5 +1,6 @@
 """`medstudent tune-postprocess`: validation probability maps of a run -> best post-processing, saved in the
-run folder (postprocess.json), where `predict` picks it up."""
+run folder (postprocess.json), where `predict` picks it up. The tuned setting replaces the run's configured
+one only when the search also wins leave-one-image-out (see `tune_postprocess`'s guard)."""
 
 from __future__ import annotations
 
@@ -58,14 +59,16 @@ def tune_run(
     _save_val_predictions(run / "predictions" / "val", probs, ids)
     best, table = tune_postprocess(probs, gts, grid=grid, base=pred.cfg.postprocess)
     plain = mean_dice([p > 0.5 for p in probs], gts)
-    tuned = float(table.iloc[0]["mean_dice"]) if "mean_dice" in table.columns else float("nan")
     path = run / "postprocess.json"
     path.write_text(json.dumps(best.model_dump(mode="json"), indent=1))
     table.to_csv(run / "postprocess_grid.csv", index=False)
     return {
         "images": len(ids),
         "dice_plain": float(plain),
-        "dice_tuned": tuned,
+        "dice_configured": table.attrs["configured"],  # the run's own post-processing (config.yaml)
+        "dice_tuned": table.attrs["tuned"],  # the grid's best on all validation images (optimistic)
+        "dice_held_out": table.attrs["held_out"],  # the search scored leave-one-image-out
+        "adopted": table.attrs["adopted"],  # tuned setting written; else the configured one is kept
         "best": best.model_dump(mode="json"),
         "path": str(path),
     }

@@ -25,7 +25,13 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import (
+    Callback,
+    EMAWeightAveraging,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    RichProgressBar,
+)
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
@@ -265,6 +271,10 @@ def build_trainer(
         LearningRateMonitor(logging_interval="epoch"),
         RankReport(run_dir),
     ]
+    if t.ema > 0:
+        # Lightning's callback validates with the averaged weights and writes them as the checkpoints'
+        # state_dict (the training weights ride along for --resume), so predict needs no change.
+        callbacks.append(EMAWeightAveraging(decay=t.ema))
     if progress:
         callbacks.append(RichProgressBar(leave=True))
     loggers = [
