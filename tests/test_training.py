@@ -387,7 +387,7 @@ def test_ema_checkpoints_hold_the_averaged_weights_and_resume(synth_stas_dir, tm
         synth_stas_dir, tmp_path, "train.epochs=2", "train.name=ema", "train.ema=0.5", "optim.lr=0.003"
     )
     run = train(cfg, progress=False)
-    ck = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ck = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     avg, cur = ck["state_dict"], ck["current_model_state"]
     assert avg.keys() == cur.keys()
     moved = [k for k in avg if avg[k].is_floating_point() and not torch.equal(avg[k], cur[k])]
