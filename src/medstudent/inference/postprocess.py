@@ -228,8 +228,7 @@ def _dice_by_min_area(
     out = np.empty(len(min_areas))
     for i, ma in enumerate(min_areas):
         k = keep & (area >= ma)
-        p, t = area[k].sum(), tp[k].sum()
-        out[i] = 1.0 if p + gt_px == 0 else 2.0 * t / (p + gt_px)
+        out[i] = _dice_from_counts(int(tp[k].sum()), int(area[k].sum()), gt_px)
     return out
 
 
@@ -397,10 +396,13 @@ def tune_postprocess(
     return base.model_copy(update=update), df
 
 
-def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
+def _dice_from_counts(tp: int, pred_px: int, gt_px: int) -> float:
     """Dice with empty/empty = 1, as `evaluation.metrics.seg_scores` (kept here: no sklearn import)."""
-    total = int(pred.sum()) + int(gt.sum())
-    return 1.0 if total == 0 else 2.0 * int((pred & gt).sum()) / total
+    return 1.0 if pred_px + gt_px == 0 else 2.0 * tp / (pred_px + gt_px)
+
+
+def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    return _dice_from_counts(int((pred & gt).sum()), int(pred.sum()), int(gt.sum()))
 
 
 def _leave_one_out(dice: np.ndarray) -> np.ndarray:
