@@ -82,11 +82,11 @@ def main() -> None:
         img, gt = ds.load(index[tid])
         gts.append(gt > 0)
         t = time.perf_counter()
-        p_none.append(predict_seg_probs(pred, img, "none", precision="bf16"))
+        p_none.append(predict_seg_probs(pred, img, "none", precision="auto"))
         secs.append(time.perf_counter() - t)
-        p_flip.append(predict_seg_probs(pred, img, "flip", precision="bf16"))
+        p_flip.append(predict_seg_probs(pred, img, "flip", precision="auto"))
         if args.d4:
-            p_d4.append(predict_seg_probs(pred, img, "d4", precision="bf16"))
+            p_d4.append(predict_seg_probs(pred, img, "d4", precision="auto"))
     res = {
         "date": str(date.today()),
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
@@ -110,7 +110,7 @@ def main() -> None:
             else {}
         ),
         "test_pooled_dice_flip_post": pooled_dice([postprocess(p, pred.postprocess) for p in p_flip], gts),
-        "inference_s_per_image_no_tta_bf16": float(np.mean(secs)),
+        "inference_s_per_image_no_tta_auto_precision": float(np.mean(secs)),
         "peak_ram_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
         "config": cfg.model_dump(mode="json"),
     }

@@ -313,7 +313,10 @@ def predict_cmd(
     tile: Annotated[
         int | None, typer.Option(help="force sliding-window inference with this tile size")
     ] = None,
-    bf16: Annotated[bool, typer.Option(help="bf16 autocast (torch engine; CPU or GPU)")] = False,
+    precision: Annotated[
+        str,
+        typer.Option(help="torch engine: 32, bf16, or auto (bf16 where the CPU/GPU computes it natively)"),
+    ] = "32",
     device: Annotated[
         str, typer.Option(help="torch engine: auto (a GPU when there is one), cpu, cuda, cuda:N")
     ] = "auto",
@@ -347,8 +350,8 @@ def predict_cmd(
 
         if len(runs) != 1:
             raise DataError(None, "--engine onnx takes one exported model folder")
-        if bf16:
-            raise DataError(None, "--bf16 is for the torch engine")
+        if precision != "32":
+            raise DataError(None, "--precision is for the torch engine")
         if device not in ("auto", "cpu"):
             raise DataError(None, "--device is for the torch engine (ONNX Runtime runs on the CPU)")
         with console.status("predicting (ONNX Runtime)") as status:
@@ -380,7 +383,8 @@ def predict_cmd(
     tta = tta or first.cfg.predict.tta
     ensemble = ensemble or first.cfg.predict.ensemble
     files = collect_images(images)
-    precision = "bf16" if bf16 else "32"
+    if precision not in ("32", "bf16", "auto"):
+        raise DataError(None, f"--precision must be 32, bf16 or auto, got '{precision}'")
     plan = None
     if budget_seconds is not None:
         from medstudent.inference.export import plan_torch_budget

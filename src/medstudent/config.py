@@ -109,7 +109,8 @@ class TrainConfig(Section):
     batch_size: int = 4
     accumulate: int = 1
     drop_last: bool = False
-    precision: Literal["32", "bf16", "16"] = "32"
+    # auto: bf16 autocast where the hardware computes in bf16 (GPU, AVX512-BF16/AMX CPU), else float32
+    precision: Literal["auto", "32", "bf16", "16"] = "32"
     seed: int = 0
     deterministic: bool = True
     val_every: int = 1

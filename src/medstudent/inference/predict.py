@@ -21,6 +21,7 @@ from medstudent.data.transforms import eval_contract
 from medstudent.errors import DataError
 from medstudent.inference.tta import tta_mean
 from medstudent.models import model_from_config, seg_out_channels
+from medstudent.precision import resolve_precision
 
 
 @dataclass
@@ -132,7 +133,8 @@ def _memory_format(pred: Predictor, t: torch.Tensor) -> torch.Tensor:
 
 
 def _autocast(precision: str, device: torch.device):
-    if precision == "bf16":
+    """precision: "32", "bf16" or "auto" (bf16 where the device computes it natively)."""
+    if resolve_precision(precision, device.type) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
 

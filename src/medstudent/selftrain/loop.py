@@ -291,7 +291,7 @@ def _predict_fn(
     from medstudent.inference.predict import load_predictor, predict_probs
 
     predictors = [load_predictor(d, device="auto") for d in dirs]
-    precision = "bf16" if cfg.train.precision == "bf16" else "32"
+    precision = cfg.train.precision if cfg.train.precision in ("auto", "bf16") else "32"
     return (
         lambda img: predict_probs(predictors, img, tta=tta, ensemble="mean", precision=precision)
     ), predictors

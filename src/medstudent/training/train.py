@@ -47,6 +47,7 @@ from medstudent.data.transforms import (
 from medstudent.distributed import is_main
 from medstudent.errors import ConfigError, DataError
 from medstudent.models import check_model_config
+from medstudent.precision import accelerator_device_type, resolve_precision
 from medstudent.training.data import ClsTorchDataset, SegTorchDataset
 from medstudent.training.module import TaskModule
 
@@ -229,7 +230,10 @@ def class_weights_for(cfg: RunConfig, prep: Prepared) -> list[float] | None:
 
 
 def _precision(cfg: RunConfig) -> str:
-    return {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}[cfg.train.precision]
+    """Lightning's precision flag; `auto` becomes bf16 only where the hardware runs it natively."""
+    t = cfg.train
+    chosen = resolve_precision(t.precision, accelerator_device_type(t.accelerator))
+    return {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}[chosen]
 
 
 def build_trainer(
