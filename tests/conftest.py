@@ -26,6 +26,9 @@ TINY_SEG = [
     "augment.noise=0",
     "train.precision=32",
     "train.max_minutes=null",
+    "train.val_every=1",
+    "train.ema=0",
+    "predict.tta=flip",
 ]
 
 # The classification counterpart: a tiny untrained ResNet on 32 px images for one epoch on one thread.
