@@ -427,3 +427,39 @@ def test_tune_postprocess_writes_the_setting_it_reports(trained_run, tmp_path):
     assert out.exit_code == 0, out.output
     assert "leave-one-image-out" in out.output and "tuned setting adopted" in out.output
     assert json.loads((cli_run / "postprocess.json").read_text()) == written  # same maps, same choice
+
+
+def test_fold_all_trains_on_every_non_test_image(synth_stas_dir, tmp_path):
+    """--fold all (nnU-Net's final model): every non-test image trains, none validates, best = last; the run
+    predicts; post-processing cannot be tuned on it and self-training refuses it, each with one line."""
+    from medstudent.data.splits import fold_ids
+
+    split = {
+        "test": ["t"],
+        "folds": [{"train": ["a", "b"], "val": ["c"]}, {"train": ["a", "c"], "val": ["b"]}],
+    }
+    assert fold_ids(split, "all") == (["a", "b", "c"], [], ["t"])
+    with pytest.raises(DataError, match="fold 2 does not exist"):
+        fold_ids(split, 2)
+    args = [f"data.root={synth_stas_dir}", f"train.output_dir={tmp_path / 'runs'}", *TINY, "train.epochs=1"]
+    sets = [x for a in args for x in ("--set", a)]
+    res = runner.invoke(
+        app, ["train", "stas_cpu", "--fold", "all", "--quiet", *sets, "--set", "train.name=f"]
+    )
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "runs" / "f" / "fold_all"
+    m = json.loads((run / "metrics.json").read_text())
+    saved = json.loads((run / "split.json").read_text())
+    assert m["n_val"] == 0 and m["best_val_metric"] is None
+    assert m["n_train"] == len(open_segmentation(synth_stas_dir)) - len(saved["test"])
+    best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(best[k], last[k]) for k in best)
+    img = np.random.default_rng(3).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    assert predict_seg_probs(load_predictor(run), img).shape == (64, 80)
+    res = runner.invoke(app, ["tune-postprocess", str(run)])
+    assert res.exit_code == 1 and "no validation images (trained with fold all)" in res.output
+    res = runner.invoke(app, ["train", "stas_cpu", "--fold", "first", *sets])
+    assert res.exit_code == 1 and "--fold must be a fold number or 'all', got 'first'" in res.output
+    res = runner.invoke(app, ["selftrain", "stas_cpu", "--fold", "all", *sets])
+    assert res.exit_code == 1 and "--fold all is for train" in res.output

@@ -218,7 +218,22 @@ SetOpt = Annotated[
 DevicesOpt = Annotated[str | None, typer.Option(help="devices per node (Lightning), e.g. 2 or auto")]
 NodesOpt = Annotated[int | None, typer.Option(help="number of nodes (torchrun / SLURM)")]
 StrategyOpt = Annotated[str | None, typer.Option(help="auto, ddp, ...")]
-FoldOpt = Annotated[int | None, typer.Option(help="fold of the split (default: data.fold)")]
+FoldOpt = Annotated[
+    str | None,
+    typer.Option(help="fold of the split, or all (every non-test image, no validation); default data.fold"),
+]
+
+
+def _fold(value: str | None) -> int | str | None:
+    """--fold as an int, "all" or None (the config's data.fold)."""
+    if value is None or value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise DataError(None, f"--fold must be a fold number or 'all', got '{value}'") from None
+
+
 SplitOpt = Annotated[Path | None, typer.Option(help="split JSON from `medstudent data split`")]
 QuietOpt = Annotated[bool, typer.Option(help="no progress bar")]
 
@@ -250,7 +265,7 @@ def train_cmd(
     extra = _scale_out(devices, num_nodes, strategy)
     cfg = load_config(config, [*(overrides or []), *extra])
     for member in ensemble_members(cfg):
-        run = train(member, fold=fold, split_path=split, resume=resume, progress=not quiet)
+        run = train(member, fold=_fold(fold), split_path=split, resume=resume, progress=not quiet)
         metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
         console.print(
             f"[green]done[/] {run}: best {metrics.get('metric')} = {metrics.get('best_val_metric')}"
@@ -276,7 +291,7 @@ def selftrain_cmd(
     from medstudent.selftrain import run_selftrain
 
     extra = _scale_out(devices, num_nodes, strategy)
-    extra += [f"data.fold={fold}"] if fold is not None else []
+    extra += [f"data.fold={_fold(fold)}"] if fold is not None else []
     cfg = load_config(config, [*(overrides or []), *extra])
     summary = run_selftrain(
         cfg, split, resume=resume, progress=not quiet, log=lambda m: console.print(m, highlight=False)

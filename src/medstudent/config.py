@@ -25,7 +25,7 @@ class DataConfig(Section):
     root: str = "demo_out/data"  # data set folder (any supported layout)
     task: Literal["segmentation", "classification"] = "segmentation"
     split: str | None = None  # split JSON; made on the fly (and saved in the run) when absent
-    fold: int = 0
+    fold: int | Literal["all"] = 0  # "all": train on every non-test image, no validation (final model)
     test_fraction: float = 0.2
     n_folds: int = 5
     split_seed: int = 0

@@ -175,9 +175,15 @@ def load_split(path: str | Path, ds: SegmentationDataset | ClassificationDataset
     return split
 
 
-def fold_ids(split: dict, fold: int) -> tuple[list[str], list[str], list[str]]:
-    """(train, val, test) ids of one fold."""
-    if not 0 <= fold < len(split["folds"]):
+def fold_ids(split: dict, fold: int | str) -> tuple[list[str], list[str], list[str]]:
+    """(train, val, test) ids of one fold. Fold "all" trains on every non-test image and validates on none
+    (nnU-Net's fold "all": the final model once cross-validation has chosen the recipe)."""
+    if fold == "all":
+        seen: dict[str, None] = {}
+        for f in split["folds"]:
+            seen.update(dict.fromkeys([*f["train"], *f["val"]]))
+        return list(seen), [], list(split["test"])
+    if not isinstance(fold, int) or not 0 <= fold < len(split["folds"]):
         raise DataError(None, f"fold {fold} does not exist; the split has {len(split['folds'])} fold(s)")
     f = split["folds"][fold]
     return list(f["train"]), list(f["val"]), list(split["test"])

@@ -27,6 +27,10 @@ def validation_maps(run: Path, tta: str | None = None, progress: Callable[[str],
     ds = open_dataset(cfg.data.root, label_map=cfg.data.label_map, empty_if_missing=cfg.data.empty_if_missing)
     split = load_split(Path(run) / "split.json", ds)
     _, val_ids, _ = fold_ids(split, cfg.data.fold)
+    if not val_ids:
+        raise DataError(
+            run, "has no validation images (trained with fold all): tune post-processing on a fold run"
+        )
     index = {i: n for n, i in enumerate(ds.ids())}
     probs, gts = [], []
     for n, vid in enumerate(val_ids):

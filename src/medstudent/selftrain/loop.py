@@ -583,6 +583,8 @@ def run_selftrain(
     assert st is not None
     if st.ensemble_size < 1 or st.num_students < 0:
         raise ConfigError(None, "selftrain.ensemble_size must be >= 1 and num_students >= 0")
+    if cfg.data.fold == "all":
+        raise ConfigError(None, "self-training needs a validation fold for its gate; --fold all is for train")
     root = Path(cfg.train.output_dir) / cfg.train.name
     state_file = root / "selftrain.json"
     main = is_main()  # DDP ranks > 0 run this loop too (for training and sharded prediction), writing nothing

@@ -365,7 +365,9 @@ def train(
     csv_log = run_dir / "logs" / "metrics.csv"
     earlier = csv_log.read_text() if resume and csv_log.is_file() else None  # CSVLogger truncates on reuse
     start = time.time()
-    trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None)
+    # fold "all" has no validation images: no validation loop, and the last weights are the run's best
+    val = val_loader if prep.val_idx else None
+    trainer.fit(module, train_loader, val, ckpt_path=str(last) if resume else None)
     if earlier is not None and trainer.global_rank == 0:
         _merge_logs(csv_log, earlier)
     minutes = (time.time() - start) / 60
