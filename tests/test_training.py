@@ -463,3 +463,46 @@ def test_fold_all_trains_on_every_non_test_image(synth_stas_dir, tmp_path):
     assert res.exit_code == 1 and "--fold must be a fold number or 'all', got 'first'" in res.output
     res = runner.invoke(app, ["selftrain", "stas_cpu", "--fold", "all", *sets])
     assert res.exit_code == 1 and "--fold all is for train" in res.output
+
+
+def test_epochs_that_fit_the_time_budget():
+    from medstudent.training.train import epochs_that_fit
+
+    assert epochs_that_fit(60, 1, 600, 52, 1) == 10  # 1 min per epoch, 10 min left
+    assert epochs_that_fit(120, 2, 1000, 52, 2) == 16  # 16.7 fit -> 16, a validated epoch
+    assert epochs_that_fit(60, 2, 6000, 52, 2) == 52  # everything fits: the configured number
+    assert epochs_that_fit(600, 2, 300, 52, 2) == 2  # already over: never fewer than done
+
+
+def test_fit_epochs_to_time_ends_run_and_cosine_inside_the_budget(synth_stas_dir, tmp_path, monkeypatch):
+    """A fake clock makes every epoch take 30 s against a 2-minute budget: the run stops after 3 of 6
+    epochs with the cosine at its end (not cut at its middle), and the plan rides in the checkpoint."""
+    import itertools
+    from types import SimpleNamespace
+
+    import medstudent.training.train as train_mod
+
+    ticks = itertools.count()
+    monkeypatch.setattr(train_mod, "_clock", lambda: 30.0 * next(ticks))
+    cfg = tiny_cfg(
+        synth_stas_dir,
+        tmp_path,
+        "train.epochs=6",
+        "train.max_minutes=2",
+        "train.fit_epochs_to_time=true",
+        "train.name=budget",
+        "optim.min_lr_ratio=0.01",
+    )
+    run = train(cfg, progress=False)
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 3
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["lr_schedulers"][0]["_last_lr"][0] == pytest.approx(cfg.optim.lr * 0.01, rel=1e-3)
+    state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("FitEpochsToTime"))
+    assert state == {"planned": 3}
+    # --resume: the restored plan is applied again before training continues
+    cb = train_mod.FitEpochsToTime(2, 1)
+    cb.load_state_dict(state)
+    trainer = SimpleNamespace(fit_loop=SimpleNamespace(max_epochs=6))
+    module = SimpleNamespace(schedule_epochs=6)
+    cb.on_train_start(trainer, module)
+    assert trainer.fit_loop.max_epochs == 3 and module.schedule_epochs == 3

@@ -106,6 +106,9 @@ class TrainConfig(Section):
     output_dir: str = "runs"
     epochs: int = 10
     max_minutes: float | None = None  # stop cleanly after this wall time (keeps best and last)
+    # With max_minutes: after the first validated epoch, cut `epochs` to what fits in the time left, so the
+    # LR schedule and the augmentation decay end inside the budget instead of being cut off mid-cosine.
+    fit_epochs_to_time: bool = False
     batch_size: int = 4
     accumulate: int = 1
     drop_last: bool = False

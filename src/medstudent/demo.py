@@ -88,6 +88,7 @@ def _demo_stas(out: Path, minutes: float | None, seed: int, console: Console, sm
             "train.name=demo",
             f"train.epochs={4 if small else 24}",
             f"train.max_minutes={minutes or (2 if small else 6)}",
+            "train.fit_epochs_to_time=false",  # the demo's epochs do not depend on the machine's speed
             "train.batch_size=4",
             f"train.seed={seed}",
             "optim.lr=0.002",

@@ -51,6 +51,7 @@ class TaskModule(L.LightningModule):
             w = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
             self.criterion = ClassificationLoss(self.cfg.loss, w)
         self.steps_per_epoch = steps_per_epoch
+        self.schedule_epochs = self.cfg.train.epochs  # FitEpochsToTime may lower it during training
         self.memory_format = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
         # not registered as a sub-module (object.__setattr__): it is a view, its tensors are saved once
@@ -164,5 +165,5 @@ class TaskModule(L.LightningModule):
             if o.backbone_lr_scale > 0:
                 groups.append({"params": list(self._backbone.parameters()), "lr": o.lr * o.backbone_lr_scale})
         opt = build_optimizer(groups, self.cfg.optim)
-        sched = build_scheduler(opt, self.cfg.optim, self.steps_per_epoch, self.cfg.train.epochs)
+        sched = build_scheduler(opt, self.cfg.optim, self.steps_per_epoch, lambda: self.schedule_epochs)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

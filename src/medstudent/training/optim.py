@@ -4,6 +4,7 @@ linear warmup, then cosine to min_lr_ratio, or step decay (StepLR semantics, cou
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from pytorch_optimizer import AdaBelief
@@ -38,5 +39,9 @@ def lr_factor(step: int, cfg: OptimConfig, steps_per_epoch: int, epochs: int) ->
     return 1.0
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int):
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, steps_per_epoch, epochs))
+def build_scheduler(
+    opt: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int | Callable[[], int]
+):
+    """`epochs` may be a callable, read at every step: a time budget can shorten the schedule mid-run."""
+    total = epochs if callable(epochs) else (lambda: epochs)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, steps_per_epoch, total()))

@@ -103,6 +103,71 @@ class EpochAwareTransforms(Callback):
             )
 
 
+_clock = time.monotonic  # module-level so a test can drive FitEpochsToTime with a fake clock
+
+
+def epochs_that_fit(elapsed_s: float, epochs_done: int, budget_s: float, epochs: int, val_every: int) -> int:
+    """Epochs that end inside `budget_s` at the pace so far (never fewer than done, never more than
+    configured), rounded down to a validated epoch so the last epoch also picks the best checkpoint."""
+    per_epoch = elapsed_s / max(1, epochs_done)
+    fit = int(budget_s // max(per_epoch, 1e-9))
+    if fit >= epochs:
+        return epochs
+    if val_every > 1 and fit >= val_every:
+        fit -= fit % val_every
+    return max(epochs_done, fit)
+
+
+class FitEpochsToTime(Callback):
+    """With `train.max_minutes`, Lightning stops at the time limit wherever the schedule is; on a slower
+    machine that cuts the cosine (and the augmentation decay) off early. After the first validated epoch
+    this measures the pace and lowers max_epochs and the LR schedule's horizon once, so both end in time.
+    Lightning has no such option (its Timer only stops); the plan is saved in checkpoints for --resume."""
+
+    def __init__(self, max_minutes: float, val_every: int, margin: float = 0.97):
+        self.budget_s = max_minutes * 60 * margin  # margin: checkpoint writes and the last validation
+        self.check_at = max(1, val_every)
+        self.val_every = val_every
+        self.planned: int | None = None
+        self.start = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = _clock()
+        if self.planned is not None:  # resumed: keep the plan made before
+            self._apply(trainer, pl_module, self.planned)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        done = trainer.current_epoch + 1
+        if self.planned is not None or done != self.check_at:
+            return
+        epochs = int(trainer.max_epochs or 1)
+        fit = epochs_that_fit(_clock() - self.start, done, self.budget_s, epochs, self.val_every)
+        fit = int(trainer.strategy.broadcast(fit, src=0))  # every rank must stop at the same epoch
+        self.planned = fit
+        if fit < epochs:
+            self._apply(trainer, pl_module, fit)
+        if fit < epochs and trainer.is_global_zero:
+            logging.getLogger("medstudent").warning(
+                "train: %d of %d epochs fit in train.max_minutes at this pace (%.1f min per epoch); "
+                "the run and its LR schedule now end at epoch %d",
+                fit,
+                epochs,
+                (_clock() - self.start) / 60 / done,
+                fit,
+            )
+
+    @staticmethod
+    def _apply(trainer: L.Trainer, pl_module: L.LightningModule, epochs: int) -> None:
+        trainer.fit_loop.max_epochs = epochs
+        pl_module.schedule_epochs = epochs
+
+    def state_dict(self) -> dict:
+        return {"planned": self.planned}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.planned = state_dict.get("planned")
+
+
 def state_digest(state: dict[str, torch.Tensor]) -> str:
     """SHA-256 of a state dict's tensors (sorted keys): equal digests mean identical weights."""
     import hashlib
@@ -275,6 +340,8 @@ def build_trainer(
         LearningRateMonitor(logging_interval="epoch"),
         RankReport(run_dir),
     ]
+    if t.max_minutes and t.fit_epochs_to_time:
+        callbacks.append(FitEpochsToTime(t.max_minutes, t.val_every))
     if t.ema > 0:
         # Lightning's callback validates with the averaged weights and writes them as the checkpoints'
         # state_dict (the training weights ride along for --resume), so predict needs no change.
