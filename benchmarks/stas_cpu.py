@@ -68,6 +68,7 @@ def main() -> None:
         ],
     )
     fold = "all" if args.train_all else 0
+    cfg.data.fold = fold  # so result.json's config names the fold that was trained
     run = out / cfg.train.name / f"fold_{fold}"
     if not (run / "metrics.json").is_file() or args.resume:
         if run.exists() and not args.resume:
