@@ -51,7 +51,6 @@ class TaskModule(L.LightningModule):
             w = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
             self.criterion = ClassificationLoss(self.cfg.loss, w)
         self.steps_per_epoch = steps_per_epoch
-        self.schedule_epochs = self.cfg.train.epochs  # FitEpochsToTime may lower it during training
         self.memory_format = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
         # not registered as a sub-module (object.__setattr__): it is a view, its tensors are saved once
@@ -165,5 +164,10 @@ class TaskModule(L.LightningModule):
             if o.backbone_lr_scale > 0:
                 groups.append({"params": list(self._backbone.parameters()), "lr": o.lr * o.backbone_lr_scale})
         opt = build_optimizer(groups, self.cfg.optim)
-        sched = build_scheduler(opt, self.cfg.optim, self.steps_per_epoch, lambda: self.schedule_epochs)
+        sched = build_scheduler(opt, self.cfg.optim, self.steps_per_epoch, self._schedule_epochs)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _schedule_epochs(self) -> int:
+        """The LR schedule's horizon, read at every step: the trainer's max_epochs, which FitEpochsToTime may
+        lower during training (the configured epochs when no trainer is attached)."""
+        return self._trainer.max_epochs if self._trainer is not None else self.cfg.train.epochs

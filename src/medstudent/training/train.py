@@ -126,40 +126,35 @@ class FitEpochsToTime(Callback):
 
     def __init__(self, max_minutes: float, val_every: int, margin: float = 0.97):
         self.budget_s = max_minutes * 60 * margin  # margin: checkpoint writes and the last validation
-        self.check_at = max(1, val_every)
-        self.val_every = val_every
+        self.val_every = max(1, val_every)
         self.planned: int | None = None
         self.start = 0.0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start = _clock()
         if self.planned is not None:  # resumed: keep the plan made before
-            self._apply(trainer, pl_module, self.planned)
+            trainer.fit_loop.max_epochs = self.planned
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         done = trainer.current_epoch + 1
-        if self.planned is not None or done != self.check_at:
+        if self.planned is not None or done != self.val_every:
             return
         epochs = int(trainer.max_epochs or 1)
-        fit = epochs_that_fit(_clock() - self.start, done, self.budget_s, epochs, self.val_every)
-        fit = int(trainer.strategy.broadcast(fit, src=0))  # every rank must stop at the same epoch
-        self.planned = fit
-        if fit < epochs:
-            self._apply(trainer, pl_module, fit)
-        if fit < epochs and trainer.is_global_zero:
+        elapsed = _clock() - self.start
+        fit = epochs_that_fit(elapsed, done, self.budget_s, epochs, self.val_every)
+        self.planned = int(trainer.strategy.broadcast(fit, src=0))  # every rank must stop at the same epoch
+        if self.planned >= epochs:
+            return
+        trainer.fit_loop.max_epochs = self.planned  # the LR schedule reads trainer.max_epochs at every step
+        if trainer.is_global_zero:
             logging.getLogger("medstudent").warning(
                 "train: %d of %d epochs fit in train.max_minutes at this pace (%.1f min per epoch); "
                 "the run and its LR schedule now end at epoch %d",
-                fit,
+                self.planned,
                 epochs,
-                (_clock() - self.start) / 60 / done,
-                fit,
+                elapsed / 60 / done,
+                self.planned,
             )
-
-    @staticmethod
-    def _apply(trainer: L.Trainer, pl_module: L.LightningModule, epochs: int) -> None:
-        trainer.fit_loop.max_epochs = epochs
-        pl_module.schedule_epochs = epochs
 
     def state_dict(self) -> dict:
         return {"planned": self.planned}
