@@ -7,6 +7,9 @@ minutes, inference seconds per full-size image and peak RAM. Writes bench_out/st
     .venv/bin/python benchmarks/stas_cpu.py [--minutes 85] [--folds 5] [--out DIR] [--set key=value ...]
         [--d4] [--train-all]
 
+--d4 also scores d4 TTA, and d4 at the preset's `predict.tta_scales` when it has more than one scale (the
+other rows use one scale, so they stay comparable with earlier runs).
+
 --train-all trains on all 256 non-test images (fold "all": no validation, the last weights are the model,
 the configured post-processing is used untuned).
 
@@ -88,16 +91,22 @@ def main() -> None:
     split = json.loads(split_path.read_text())
     index = {i: k for k, i in enumerate(ds.ids())}
     post = pred.postprocess
-    gts, p_none, p_flip, p_d4, secs = [], [], [], [], []
+    scales = list(cfg.predict.tta_scales)  # the preset's (also for runs trained before the option existed)
+    multi = args.d4 and scales != [1.0]
+    gts, p_none, p_flip, p_d4, p_ms, secs, secs_ms = [], [], [], [], [], [], []
     for tid in split["test"]:
         img, gt = ds.load(index[tid])
         gts.append(gt > 0)
         t = time.perf_counter()
-        p_none.append(predict_seg_probs(pred, img, "none", precision="auto"))
+        p_none.append(predict_seg_probs(pred, img, "none", precision="auto", scales=[1.0]))
         secs.append(time.perf_counter() - t)
-        p_flip.append(predict_seg_probs(pred, img, "flip", precision="auto"))
+        p_flip.append(predict_seg_probs(pred, img, "flip", precision="auto", scales=[1.0]))
         if args.d4:
-            p_d4.append(predict_seg_probs(pred, img, "d4", precision="auto"))
+            p_d4.append(predict_seg_probs(pred, img, "d4", precision="auto", scales=[1.0]))
+        if multi:
+            t = time.perf_counter()
+            p_ms.append(predict_seg_probs(pred, img, "d4", precision="auto", scales=scales))
+            secs_ms.append(time.perf_counter() - t)
     res = {
         "date": str(date.today()),
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
@@ -121,6 +130,17 @@ def main() -> None:
                 "test_mean_dice_d4_tta_post": mean_dice([postprocess(p, post) for p in p_d4], gts),
             }
             if args.d4
+            else {}
+        ),
+        **(
+            {
+                "tta_scales": scales,
+                "test_mean_dice_d4_scales": mean_dice([p > 0.5 for p in p_ms], gts),
+                "test_mean_dice_d4_scales_post": mean_dice([postprocess(p, post) for p in p_ms], gts),
+                "test_pooled_dice_d4_scales_post": pooled_dice([postprocess(p, post) for p in p_ms], gts),
+                "inference_s_per_image_d4_scales": float(np.mean(secs_ms)),
+            }
+            if multi
             else {}
         ),
         "test_pooled_dice_flip_post": pooled_dice([postprocess(p, pred.postprocess) for p in p_flip], gts),

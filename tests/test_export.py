@@ -151,11 +151,18 @@ def test_onnx_matches_torch_with_tta_tiles_and_ensembles(seg_model, seg_runs, fe
             assert got.shape == ref.shape == img.shape[:2]
             np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
             assert np.array_equal(postprocess(got, TUNED), postprocess(ref, TUNED)), (tta, ensemble, tile)
+    # multi-scale TTA: the exported default is the run's; explicit factors give the torch maps
+    assert pipe.tta_scales == preds[0].cfg.predict.tta_scales
+    for img in images[:2]:
+        ref = predict_probs(preds, img, tta="flip", scales=[1.0, 0.75])
+        got = pipe.predict_probs(img, tta="flip", scales=[1.0, 0.75])
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+        assert np.abs(got - pipe.predict_probs(img, tta="flip", scales=[1.0])).max() > 1e-3
     # the two members really differ, so the ensemble is not a trivial average of equal maps
     a, b = (pipe.member_probs(k, images[0], "none") for k in (0, 1))
     assert np.abs(a - b).max() > 0.05
     # weights: all weight on member 1 gives member 1 alone
-    one = pipe.predict_probs(images[0], tta="none", members=[1])
+    one = pipe.predict_probs(images[0], tta="none", members=[1], scales=[1.0])
     np.testing.assert_allclose(one, b, atol=1e-6)
 
 
@@ -417,7 +424,12 @@ def test_bad_inputs_give_one_line_errors_naming_the_file(seg_model, few_images, 
     )
     assert res.exit_code == 1 and "member_1.onnx: missing" in res.output
     assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1
-    for extra, msg in ((["--tta", "d8"], "unknown TTA 'd8'"), (["--engine", "tf"], "--engine must be")):
+    for extra, msg in (
+        (["--tta", "d8"], "unknown TTA 'd8'"),
+        (["--engine", "tf"], "--engine must be"),
+        (["--tta-scales", "1,big"], "--tta-scales expects comma-separated numbers"),
+        (["--tta-scales", "0"], "--tta-scales: each factor must be in [0.1, 4]"),
+    ):
         args = ["predict", "--engine", "onnx", str(seg_model), "-i", str(few_images), "-o", str(tmp_path)]
         res = runner.invoke(app, [*args, *extra])
         assert res.exit_code == 1 and msg in res.output, res.output

@@ -15,6 +15,7 @@ from conftest import TINY_SEG
 from medstudent.cli import app
 from medstudent.config import OptimConfig, load_config
 from medstudent.data.layouts import open_segmentation
+from medstudent.data.preprocess import scaled_contract
 from medstudent.errors import ConfigError, DataError
 from medstudent.inference.predict import (
     ensemble_probs,
@@ -139,6 +140,33 @@ def test_padding_and_tta_restore_exact_size(trained_run):
             assert p.shape == (h, w) and np.isfinite(p).all() and p.min() >= 0 and p.max() <= 1
         tiled = predict_seg_probs(pred, img, "none", tile=64)  # sliding window path
         assert tiled.shape == (h, w)
+
+
+def test_multi_scale_tta_is_the_mean_of_the_single_scale_maps(trained_run):
+    pred = load_predictor(trained_run)
+    img = np.random.default_rng(2).integers(0, 255, (97, 131, 3), dtype=np.uint8)
+    one = predict_seg_probs(pred, img, "flip", scales=[1.0])
+    bigger = predict_seg_probs(pred, img, "flip", scales=[1.25])
+    assert one.shape == bigger.shape == (97, 131) and np.abs(one - bigger).max() > 1e-3  # really rescaled
+    both = predict_seg_probs(pred, img, "flip", scales=[1.0, 1.25])
+    np.testing.assert_allclose(both, (one + bigger) / 2, atol=1e-6)
+    # the factor multiplies the run's resolution: 1.25 of scale 1.0 is the model at scale 1.25
+    pred.cfg.augment.scale = 1.25
+    np.testing.assert_allclose(predict_seg_probs(pred, img, "flip", scales=[1.0]), bigger, atol=1e-6)
+    # default: the run's predict.tta_scales
+    pred.cfg.augment.scale = 1.0
+    pred.cfg.predict.tta_scales = [1.0, 1.25]
+    np.testing.assert_allclose(predict_seg_probs(pred, img, "flip"), both, atol=1e-6)
+
+
+def test_scaled_contract_multiplies_scale_or_resize():
+    seg = {"task": "segmentation", "scale": 0.5, "resize": None}
+    assert scaled_contract(seg, 1.25)["scale"] == 0.625 and seg["scale"] == 0.5  # a copy
+    assert scaled_contract({**seg, "resize": [800, 800]}, 1.25)["resize"] == [1000, 1000]
+    cls = {"task": "classification", "scale": 1.0, "center_crop": 400}
+    assert scaled_contract(cls, 2.0) == cls
+    with pytest.raises(ConfigError, match="tta_scales"):
+        load_config("stas_cpu", ["predict.tta_scales=[]"])
 
 
 def test_tta_ops_are_inverted_exactly():

@@ -320,6 +320,13 @@ def predict_cmd(
     images: Annotated[Path, typer.Option("-i", "--images", help="an image, a folder, or a data set root")],
     out: Annotated[Path, typer.Option("-o", "--out", help="output folder")],
     tta: Annotated[str | None, typer.Option(help="none | flip | d4 (default: the run's predict.tta)")] = None,
+    tta_scales: Annotated[
+        str | None,
+        typer.Option(
+            help="multi-scale TTA: resolutions as multiples of the training one, e.g. 1,1.25 "
+            "(default: the run's predict.tta_scales)"
+        ),
+    ] = None,
     ensemble: Annotated[str | None, typer.Option(help="mean | vote (several models)")] = None,
     probs: Annotated[bool, typer.Option("--probs", help="also write probability maps")] = False,
     labelme: Annotated[bool, typer.Option("--labelme", help="also write labelme JSON polygons")] = False,
@@ -375,6 +382,7 @@ def predict_cmd(
                 images,
                 out,
                 tta=tta,
+                tta_scales=parse_scales(tta_scales),
                 ensemble=ensemble,
                 budget_seconds=budget_seconds,
                 tile=tile,
@@ -396,6 +404,7 @@ def predict_cmd(
     predictors = [load_predictor(p, device=dev) for p in expand_runs(runs)]
     first = predictors[0]
     tta = tta or first.cfg.predict.tta
+    scales = parse_scales(tta_scales) or list(first.cfg.predict.tta_scales)
     ensemble = ensemble or first.cfg.predict.ensemble
     files = collect_images(images)
     if precision not in ("32", "bf16", "auto"):
@@ -404,7 +413,9 @@ def predict_cmd(
     if budget_seconds is not None:
         from medstudent.inference.export import plan_torch_budget
 
-        plan = plan_torch_budget(predictors, files, budget_seconds, tta, precision=precision, tile=tile)
+        plan = plan_torch_budget(
+            predictors, files, budget_seconds, tta, precision=precision, tile=tile, scales=scales
+        )
         if plan is not None:
             tta, predictors = plan.tta, [predictors[i] for i in plan.members]
     from medstudent.inference.postprocess import for_ensemble
@@ -413,7 +424,7 @@ def predict_cmd(
     with console.status("predicting") as status:
         summary = predict_folder(
             lambda img: predict_probs(
-                predictors, img, tta=tta, ensemble=ensemble, precision=precision, tile=tile
+                predictors, img, tta=tta, ensemble=ensemble, precision=precision, tile=tile, scales=scales
             ),
             first.task,
             files,
@@ -426,8 +437,27 @@ def predict_cmd(
             root=images if images.is_dir() else None,
             on_image=lambda n, total, p: status.update(f"predicting {n + 1}/{total}: {p.name}"),
         )
-    summary.update({"tta": tta, "ensemble": ensemble, "plan": plan.to_dict() if plan else None})
+    summary.update(
+        {"tta": tta, "tta_scales": scales, "ensemble": ensemble, "plan": plan.to_dict() if plan else None}
+    )
     _report_prediction(summary, len(predictors), out)
+
+
+def parse_scales(text: str | None) -> list[float] | None:
+    """'1,1.25' -> [1.0, 1.25] (the CLI's --tta-scales); None/empty = the run's predict.tta_scales."""
+    if text is None or not text.strip():
+        return None
+    try:
+        scales = [float(v) for v in text.split(",")]
+    except ValueError as e:
+        raise DataError(None, f"--tta-scales expects comma-separated numbers, got '{text}'") from e
+    if any(not (0.1 <= f <= 4.0) for f in scales):
+        raise DataError(None, f"--tta-scales: each factor must be in [0.1, 4], got '{text}'")
+    return scales
+
+
+def _scales_text(scales: list[float] | None) -> str:
+    return f" at scales {', '.join(f'{f:g}' for f in scales)}" if scales and list(scales) != [1.0] else ""
 
 
 def _report_prediction(summary: dict, n_models: int, out: Path) -> None:
@@ -437,7 +467,8 @@ def _report_prediction(summary: dict, n_models: int, out: Path) -> None:
         console.print(BudgetPlan(**summary["plan"]).summary(), highlight=False, soft_wrap=True)
     console.print(
         f"{summary['predicted']}/{summary['images']} image(s) predicted with {n_models} "
-        f"model(s), TTA {summary['tta']}, ensemble {summary['ensemble']} -> {out}",
+        f"model(s), TTA {summary['tta']}{_scales_text(summary.get('tta_scales'))}, "
+        f"ensemble {summary['ensemble']} -> {out}",
         soft_wrap=True,
     )
     for s in summary["skipped"]:
@@ -452,6 +483,13 @@ def export_cmd(
     runs: Annotated[list[Path], typer.Argument(help="run folders, checkpoints, or run roots (all folds)")],
     out: Annotated[Path, typer.Option("-o", "--out", help="folder for the ONNX graphs and pipeline.json")],
     tta: Annotated[str | None, typer.Option(help="none | flip | d4 (default: the run's predict.tta)")] = None,
+    tta_scales: Annotated[
+        str | None,
+        typer.Option(
+            help="multi-scale TTA: resolutions as multiples of the training one, e.g. 1,1.25 "
+            "(default: the run's predict.tta_scales)"
+        ),
+    ] = None,
     ensemble: Annotated[str | None, typer.Option(help="mean | vote (default: the run's)")] = None,
     weights: Annotated[
         str | None, typer.Option(help="ensemble weights, comma-separated, one per model (default: equal)")
@@ -476,6 +514,7 @@ def export_cmd(
         runs,
         out,
         tta=tta,
+        tta_scales=parse_scales(tta_scales),
         ensemble=ensemble,
         weights=parse_weights(weights),
         opset=opset,
@@ -484,8 +523,8 @@ def export_cmd(
         progress=lambda m: console.print(m, highlight=False, soft_wrap=True),
     )
     console.print(
-        f"{len(spec['members'])} model(s), {spec['task']}, TTA {spec['tta']}, ensemble "
-        f"{spec['ensemble']['mode']} -> {out / 'pipeline.json'}"
+        f"{len(spec['members'])} model(s), {spec['task']}, TTA {spec['tta']}"
+        f"{_scales_text(spec['tta_scales'])}, ensemble {spec['ensemble']['mode']} -> {out / 'pipeline.json'}"
     )
 
 

@@ -160,6 +160,16 @@ class PredictConfig(Section):
     tile: int | None = None  # sliding window size (pixels, model resolution) for large images
     max_full_pixels: int = 2200 * 2200  # images larger than this go through the sliding window
     overlap: float = 0.25
+    # multi-scale TTA: resolutions to predict at, as multiples of the training one (augment.scale or
+    # resize); their probabilities are averaged at the original size. [1.0] = one scale.
+    tta_scales: list[float] = Field(default_factory=lambda: [1.0])
+
+    @field_validator("tta_scales")
+    @classmethod
+    def _positive_scales(cls, v: list[float]) -> list[float]:
+        if not v or any(not (0.1 <= f <= 4.0) for f in v):
+            raise ValueError(f"tta_scales needs one or more factors in [0.1, 4], got {v}")
+        return v
 
 
 class SelfTrainConfig(Section):

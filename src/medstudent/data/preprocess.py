@@ -36,6 +36,19 @@ def scaled_size(h: int, w: int, scale: float, k: int = PAD_MULTIPLE) -> tuple[in
     return max(1, int(np.floor(h * scale + 0.5))), max(1, int(np.floor(w * scale + 0.5)))
 
 
+def scaled_contract(contract: dict[str, Any], factor: float) -> dict[str, Any]:
+    """A segmentation contract that predicts at `factor` times its model resolution (multi-scale TTA):
+    `scale` multiplied, or a fixed `resize` multiplied and rounded to whole pixels."""
+    if factor == 1.0 or contract.get("task") != "segmentation":
+        return contract
+    out = dict(contract)
+    if out.get("resize"):
+        out["resize"] = [max(1, int(np.floor(v * factor + 0.5))) for v in out["resize"]]
+    else:
+        out["scale"] = float(out["scale"]) * factor
+    return out
+
+
 def resize_interpolation(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> int:
     """INTER_AREA when shrinking (no aliasing of nuclei/speckle), INTER_LINEAR when enlarging."""
     return cv2.INTER_AREA if dst_hw[0] < src_hw[0] or dst_hw[1] < src_hw[1] else cv2.INTER_LINEAR

@@ -311,6 +311,7 @@ def export_runs(
     ensemble: str | None = None,
     weights: list[float] | None = None,
     opset: int = MIN_OPSET,
+    tta_scales: list[float] | None = None,
     int8: bool | str = False,
     calibrate: str | Path | None = None,
     check: bool = True,
@@ -318,7 +319,8 @@ def export_runs(
 ) -> dict[str, Any]:
     """Export run folders / checkpoints / run roots (all folds = an ensemble) to `out`; returns the pipeline.
 
-    tta / ensemble default to the first run's `predict.tta` / `predict.ensemble`; weights (one per member,
+    tta / ensemble / tta_scales default to the first run's `predict.tta` / `predict.ensemble` /
+    `predict.tta_scales`; weights (one per member,
     default equal) are stored normalised. int8 ("dynamic" or True, or "static" with a `calibrate` folder of
     images) also writes `member_<k>.int8.onnx` and records them with `"use": false`: switch them on only
     after checking accuracy (see BENCHMARKS.md).
@@ -380,6 +382,9 @@ def export_runs(
         },
         "output": {"name": "probs", "meaning": "sigmoid (binary) or softmax over axis 1, float32"},
         "tta": tta,
+        "tta_scales": [float(f) for f in (tta_scales or first.cfg.predict.tta_scales)],
+        "tta_scales_note": "segmentation: the tta passes at each multiple of the contract's resolution "
+        "(scale or resize), mean of the maps at the original size",
         "tta_sets": {k: [list(op) for op in v] for k, v in TTA_SETS.items()},
         "tta_note": (
             "segmentation: ops (quarter turns, flip width, flip height), flips first; the inverse maps each "
@@ -404,10 +409,15 @@ def export_runs(
 
 # ------------------------------------------------------------------------------ torch engine under a budget
 def torch_member_costs(
-    predictors: list[Predictor], image: np.ndarray, precision: str = "32", tile: int | None = None
+    predictors: list[Predictor],
+    image: np.ndarray,
+    precision: str = "32",
+    tile: int | None = None,
+    scales: list[float] | None = None,
 ) -> list[dict[str, float]]:
     """Seconds of one un-augmented prediction of `image` per predictor (after a warm-up run), for
-    `runner.budget.choose_plan`; preprocessing is counted in the pass (a slight over-estimate with TTA)."""
+    `runner.budget.choose_plan`; preprocessing is counted in the pass (a slight over-estimate with TTA).
+    With multi-scale TTA (`scales`, default each run's) one pass is one pass at every scale."""
     from medstudent.inference.predict import predict_cls_probs, predict_seg_probs
 
     costs = []
@@ -415,7 +425,7 @@ def torch_member_costs(
 
         def once(p: Predictor = p) -> None:
             if p.task == "segmentation":
-                predict_seg_probs(p, image, "none", precision, tile=tile)
+                predict_seg_probs(p, image, "none", precision, tile=tile, scales=scales)
             else:
                 predict_cls_probs(p, image, "none", precision)
 
@@ -433,6 +443,7 @@ def plan_torch_budget(
     tta: str,
     precision: str = "32",
     tile: int | None = None,
+    scales: list[float] | None = None,
 ):
     """`predict --engine torch --budget-seconds`: measure on the first readable image, choose the plan
     (`runner.budget.choose_plan`, equal weights). None when no image can be read."""
@@ -444,7 +455,7 @@ def plan_torch_budget(
             img = read_image(f)
         except DataError:
             continue
-        costs = torch_member_costs(predictors, img, precision, tile)
+        costs = torch_member_costs(predictors, img, precision, tile, scales)
         return choose_plan(budget_s, costs, task=predictors[0].task, max_tta=tta)
     return None
 

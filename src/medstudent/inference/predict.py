@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from medstudent.config import PostprocessConfig, RunConfig
-from medstudent.data.preprocess import apply_eval_contract, restore_geometry
+from medstudent.data.preprocess import apply_eval_contract, restore_geometry, scaled_contract
 from medstudent.data.transforms import eval_contract
 from medstudent.errors import DataError
 from medstudent.inference.tta import tta_mean
@@ -148,16 +148,49 @@ def predict_seg_probs(
     tile: int | None = None,
     max_full_pixels: int | None = None,
     overlap: float | None = None,
+    scales: list[float] | tuple[float, ...] | None = None,
 ) -> np.ndarray:
     """Class probabilities at the original image size: (H, W) foreground for binary, (C, H, W) otherwise.
 
     Images whose model-resolution size exceeds max_full_pixels go through MONAI's sliding window with
     Gaussian blending (tile x tile windows); others are predicted whole (padded to 32, cropped back).
+    scales (default: the run's `predict.tta_scales`): multi-scale TTA, the `tta` passes at each multiple
+    of the model resolution, averaged at the original size.
     """
+    factors = list(pred.cfg.predict.tta_scales if scales is None else scales)
+    if not factors:
+        raise ValueError("scales: need at least one factor")
+    total = None
+    for f in factors:
+        probs = _seg_probs_at(
+            pred,
+            image,
+            scaled_contract(pred.contract, float(f)),
+            tta,
+            precision,
+            tile,
+            max_full_pixels,
+            overlap,
+        )
+        total = probs if total is None else total + probs
+    return total if len(factors) == 1 else total / len(factors)
+
+
+def _seg_probs_at(
+    pred: Predictor,
+    image: np.ndarray,
+    contract: dict,
+    tta: str,
+    precision: str,
+    tile: int | None,
+    max_full_pixels: int | None,
+    overlap: float | None,
+) -> np.ndarray:
+    """`predict_seg_probs` at one resolution (the one `contract` names)."""
     from monai.inferers import sliding_window_inference
 
     p = pred.cfg.predict
-    x_np, info = apply_eval_contract(image, pred.contract)
+    x_np, info = apply_eval_contract(image, contract)
     dev = pred.device
     x = torch.from_numpy(x_np)[None].to(dev)
     binary = pred.binary

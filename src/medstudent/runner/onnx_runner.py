@@ -29,7 +29,7 @@ import numpy as np
 import onnxruntime as ort
 
 from medstudent.config import PostprocessConfig
-from medstudent.data.preprocess import apply_eval_contract, restore_geometry
+from medstudent.data.preprocess import apply_eval_contract, restore_geometry, scaled_contract
 from medstudent.errors import DataError
 from medstudent.inference.tta import TTA_SETS, forward_op, inverse_op, tta_ops
 from medstudent.runner.budget import BudgetPlan, choose_plan, pass_rounds, tta_passes
@@ -163,6 +163,22 @@ class OnnxPipeline:
         return self.spec["tta"]
 
     @property
+    def tta_scales(self) -> list[float]:
+        """Multi-scale TTA factors (pipelines exported before they existed: one scale)."""
+        return [float(f) for f in self.spec.get("tta_scales") or [1.0]]
+
+    def _prepared(self, k: int, image: np.ndarray, factor: float, cache: dict) -> tuple[np.ndarray, dict]:
+        """Member k's input at `factor` times its resolution, shared by members with the same contract."""
+        contract = scaled_contract(self.members[k].contract, factor)  # classification: unchanged
+        key = json.dumps(contract, sort_keys=True)
+        if key not in cache:
+            try:
+                cache[key] = apply_eval_contract(image, contract)
+            except ValueError as e:
+                raise DataError(None, f"cannot preprocess image ({e})") from e
+        return cache[key]
+
+    @property
     def ensemble(self) -> str:
         return self.spec["ensemble"]["mode"]
 
@@ -189,11 +205,17 @@ class OnnxPipeline:
         tile: int | None = None,
         prepared: tuple[np.ndarray, dict] | None = None,
         timing: dict[str, float] | None = None,
+        factor: float = 1.0,
     ) -> np.ndarray:
-        """One member's probabilities at the original size: (H, W) binary, (C, H, W) multi-class, (C,) cls."""
+        """One member's probabilities at the original size: (H, W) binary, (C, H, W) multi-class, (C,) cls.
+        factor: segmentation at that multiple of the member's resolution (one scale of multi-scale TTA)."""
         m = self.members[k]
         t0 = time.perf_counter()
-        x, info = prepared if prepared is not None else apply_eval_contract(image, m.contract)
+        x, info = (
+            prepared
+            if prepared is not None
+            else apply_eval_contract(image, scaled_contract(m.contract, factor))
+        )
         x = x[None]
         t1 = time.perf_counter()
         if self.task == "classification":
@@ -267,24 +289,30 @@ class OnnxPipeline:
         ensemble: str | None = None,
         members: list[int] | None = None,
         tile: int | None = None,
+        scales: list[float] | None = None,
     ) -> np.ndarray:
-        """Ensemble probabilities of one uint8 image, as `inference.predict.predict_probs` returns them."""
+        """Ensemble probabilities of one uint8 image, as `inference.predict.predict_probs` returns them.
+        scales: multi-scale TTA factors (segmentation; default the pipeline's `tta_scales`)."""
         tta = tta or self.tta
         ensemble = ensemble or self.ensemble
+        factors = self._factors(scales)
         idx = list(range(len(self.members))) if members is None else list(members)
         cache: dict[str, tuple[np.ndarray, dict]] = {}
         outs = []
         for k in idx:
-            key = json.dumps(self.members[k].contract, sort_keys=True)
-            if key not in cache:
-                try:
-                    cache[key] = apply_eval_contract(image, self.members[k].contract)
-                except ValueError as e:
-                    raise DataError(None, f"cannot preprocess image ({e})") from e
-            outs.append(self.member_probs(k, image, tta, tile, prepared=cache[key]))
+            total = None
+            for f in factors:
+                p = self.member_probs(k, image, tta, tile, prepared=self._prepared(k, image, f, cache))
+                total = p if total is None else total + p
+            outs.append(total if len(factors) == 1 else total / len(factors))
         weights = [self.members[k].weight for k in idx]
         threshold = self.postprocess.threshold if self.postprocess is not None else 0.5
         return combine(outs, ensemble, weights, threshold)
+
+    def _factors(self, scales: list[float] | None) -> list[float]:
+        if self.task != "segmentation":
+            return [1.0]
+        return [float(f) for f in scales] if scales else self.tta_scales
 
     def calibrate(
         self,
@@ -293,18 +321,23 @@ class OnnxPipeline:
         tta: str | None = None,
         tile: int | None = None,
         postprocess: bool = True,
+        scales: list[float] | None = None,
     ) -> BudgetPlan:
-        """Measure each member on `image` (a warm-up run, then one timed run) and choose the plan."""
+        """Measure each member on `image` (a warm-up run, then one timed run) and choose the plan.
+        With multi-scale TTA one pass is one pass at every scale: the timings add up over the scales."""
         costs = []
         out = None
+        factors = self._factors(scales)
         for k in range(len(self.members)):
-            self.member_probs(k, image, "none", tile)  # warm-up: first runs allocate
             timing: dict[str, float] = {}
-            out = self.member_probs(k, image, "none", tile, timing=timing)
-            if self.parallel_passes and self.task == "segmentation":
-                x, _ = apply_eval_contract(image, self.members[k].contract)
+            for f in factors:
+                self.member_probs(k, image, "none", tile, factor=f)  # warm-up: first runs allocate
+                out = self.member_probs(k, image, "none", tile, timing=timing, factor=f)
+                if not (self.parallel_passes and self.task == "segmentation"):
+                    continue
+                x, _ = apply_eval_contract(image, scaled_contract(self.members[k].contract, f))
                 if self._tile_size(self.members[k], x, tile) is None:  # tiled passes stay sequential
-                    timing["round_s"] = self.round_seconds(k, x)
+                    timing["round_s"] = timing.get("round_s", 0.0) + self.round_seconds(k, x)
                     timing["threads"] = self.threads
             costs.append(timing)
         overhead = 0.0
@@ -353,6 +386,7 @@ def predict_onnx_folder(
     out: str | Path,
     *,
     tta: str | None = None,
+    tta_scales: list[float] | None = None,
     ensemble: str | None = None,
     budget_seconds: float | None = None,
     tile: int | None = None,
@@ -393,13 +427,17 @@ def predict_onnx_folder(
             except DataError:
                 continue
         if sample is not None:
-            plan = pipe.calibrate(sample, budget_seconds, tta=tta, tile=tile, postprocess=postprocess)
+            plan = pipe.calibrate(
+                sample, budget_seconds, tta=tta, tile=tile, postprocess=postprocess, scales=tta_scales
+            )
             tta, members = plan.tta, plan.members
     from medstudent.inference.postprocess import for_ensemble
 
     post = for_ensemble(pipe.postprocess, ensemble) if postprocess else None
     summary = predict_folder(
-        lambda img: pipe.predict_probs(img, tta=tta, ensemble=ensemble, members=members, tile=tile),
+        lambda img: pipe.predict_probs(
+            img, tta=tta, ensemble=ensemble, members=members, tile=tile, scales=tta_scales
+        ),
         pipe.task,
         files,
         out,
@@ -412,6 +450,12 @@ def predict_onnx_folder(
         on_image=on_image,
     )
     summary.update(
-        {"tta": tta, "ensemble": ensemble, "members": members, "plan": plan.to_dict() if plan else None}
+        {
+            "tta": tta,
+            "tta_scales": pipe._factors(tta_scales),
+            "ensemble": ensemble,
+            "members": members,
+            "plan": plan.to_dict() if plan else None,
+        }
     )
     return summary
