@@ -310,6 +310,15 @@ def _cell(v: object) -> str:
     return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+TtaScalesOption = Annotated[
+    str | None,
+    typer.Option(
+        help="multi-scale TTA: resolutions as multiples of the training one, e.g. 1,1.25 "
+        "(default: the run's predict.tta_scales)"
+    ),
+]
+
+
 @app.command("predict")
 @one_line_errors
 def predict_cmd(
@@ -320,13 +329,7 @@ def predict_cmd(
     images: Annotated[Path, typer.Option("-i", "--images", help="an image, a folder, or a data set root")],
     out: Annotated[Path, typer.Option("-o", "--out", help="output folder")],
     tta: Annotated[str | None, typer.Option(help="none | flip | d4 (default: the run's predict.tta)")] = None,
-    tta_scales: Annotated[
-        str | None,
-        typer.Option(
-            help="multi-scale TTA: resolutions as multiples of the training one, e.g. 1,1.25 "
-            "(default: the run's predict.tta_scales)"
-        ),
-    ] = None,
+    tta_scales: TtaScalesOption = None,
     ensemble: Annotated[str | None, typer.Option(help="mean | vote (several models)")] = None,
     probs: Annotated[bool, typer.Option("--probs", help="also write probability maps")] = False,
     labelme: Annotated[bool, typer.Option("--labelme", help="also write labelme JSON polygons")] = False,
@@ -445,13 +448,15 @@ def predict_cmd(
 
 def parse_scales(text: str | None) -> list[float] | None:
     """'1,1.25' -> [1.0, 1.25] (the CLI's --tta-scales); None/empty = the run's predict.tta_scales."""
+    from medstudent.config import valid_tta_scales
+
     if text is None or not text.strip():
         return None
     try:
         scales = [float(v) for v in text.split(",")]
     except ValueError as e:
         raise DataError(None, f"--tta-scales expects comma-separated numbers, got '{text}'") from e
-    if any(not (0.1 <= f <= 4.0) for f in scales):
+    if not valid_tta_scales(scales):
         raise DataError(None, f"--tta-scales: each factor must be in [0.1, 4], got '{text}'")
     return scales
 
@@ -483,13 +488,7 @@ def export_cmd(
     runs: Annotated[list[Path], typer.Argument(help="run folders, checkpoints, or run roots (all folds)")],
     out: Annotated[Path, typer.Option("-o", "--out", help="folder for the ONNX graphs and pipeline.json")],
     tta: Annotated[str | None, typer.Option(help="none | flip | d4 (default: the run's predict.tta)")] = None,
-    tta_scales: Annotated[
-        str | None,
-        typer.Option(
-            help="multi-scale TTA: resolutions as multiples of the training one, e.g. 1,1.25 "
-            "(default: the run's predict.tta_scales)"
-        ),
-    ] = None,
+    tta_scales: TtaScalesOption = None,
     ensemble: Annotated[str | None, typer.Option(help="mean | vote (default: the run's)")] = None,
     weights: Annotated[
         str | None, typer.Option(help="ensemble weights, comma-separated, one per model (default: equal)")

@@ -154,6 +154,11 @@ class PostprocessConfig(Section):
     fill_border: bool = False
 
 
+def valid_tta_scales(scales: list[float]) -> bool:
+    """One or more multi-scale TTA factors, each in [0.1, 4] (the config and the CLI apply the same rule)."""
+    return bool(scales) and all(0.1 <= f <= 4.0 for f in scales)
+
+
 class PredictConfig(Section):
     tta: Literal["none", "flip", "d4"] = "none"
     ensemble: Literal["mean", "vote"] = "mean"
@@ -167,7 +172,7 @@ class PredictConfig(Section):
     @field_validator("tta_scales")
     @classmethod
     def _positive_scales(cls, v: list[float]) -> list[float]:
-        if not v or any(not (0.1 <= f <= 4.0) for f in v):
+        if not valid_tta_scales(v):
             raise ValueError(f"tta_scales needs one or more factors in [0.1, 4], got {v}")
         return v
 

@@ -295,7 +295,7 @@ class OnnxPipeline:
         scales: multi-scale TTA factors (segmentation; default the pipeline's `tta_scales`)."""
         tta = tta or self.tta
         ensemble = ensemble or self.ensemble
-        factors = self._factors(scales)
+        factors = self.scale_factors(scales)
         idx = list(range(len(self.members))) if members is None else list(members)
         cache: dict[str, tuple[np.ndarray, dict]] = {}
         outs = []
@@ -309,7 +309,8 @@ class OnnxPipeline:
         threshold = self.postprocess.threshold if self.postprocess is not None else 0.5
         return combine(outs, ensemble, weights, threshold)
 
-    def _factors(self, scales: list[float] | None) -> list[float]:
+    def scale_factors(self, scales: list[float] | None) -> list[float]:
+        """The multi-scale TTA factors to use: `scales`, else the pipeline's; classification: one scale."""
         if self.task != "segmentation":
             return [1.0]
         return [float(f) for f in scales] if scales else self.tta_scales
@@ -327,7 +328,7 @@ class OnnxPipeline:
         With multi-scale TTA one pass is one pass at every scale: the timings add up over the scales."""
         costs = []
         out = None
-        factors = self._factors(scales)
+        factors = self.scale_factors(scales)
         for k in range(len(self.members)):
             timing: dict[str, float] = {}
             for f in factors:
@@ -452,7 +453,7 @@ def predict_onnx_folder(
     summary.update(
         {
             "tta": tta,
-            "tta_scales": pipe._factors(tta_scales),
+            "tta_scales": pipe.scale_factors(tta_scales),
             "ensemble": ensemble,
             "members": members,
             "plan": plan.to_dict() if plan else None,
