@@ -30,10 +30,10 @@ def main() -> None:
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     from medstudent.config import load_config
+    from medstudent.core.folder import collect_images, predict_folder
     from medstudent.data.layouts import open_classification
     from medstudent.data.splits import make_split, save_split
     from medstudent.evaluation.evaluate import evaluate_classification
-    from medstudent.inference.folder import collect_images, predict_folder
     from medstudent.inference.predict import load_predictor, predict_probs
     from medstudent.training.train import train
 

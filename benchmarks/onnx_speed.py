@@ -58,10 +58,10 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     import torch
 
+    from medstudent.core.postprocess import postprocess
     from medstudent.data.layouts import open_segmentation
     from medstudent.evaluation.metrics import per_image_dice
     from medstudent.inference.export import export_runs
-    from medstudent.inference.postprocess import postprocess
     from medstudent.inference.predict import load_predictor, predict_seg_probs
     from medstudent.runner import OnnxPipeline
     from medstudent.runner.onnx_runner import usable_cores

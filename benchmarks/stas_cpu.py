@@ -46,12 +46,12 @@ def main() -> None:
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     from medstudent.config import load_config
+    from medstudent.core.postprocess import postprocess
     from medstudent.data.layouts import open_segmentation
     from medstudent.data.splits import make_split, save_split
     from medstudent.evaluation.metrics import mean_dice, pooled_dice
-    from medstudent.inference.postprocess import postprocess
+    from medstudent.evaluation.postprocess_tuning import tune_run
     from medstudent.inference.predict import load_predictor, predict_seg_probs
-    from medstudent.inference.tune import tune_run
     from medstudent.training.train import train
 
     out = args.out

@@ -86,7 +86,7 @@ def test_predict_folder_shards_images_across_ranks(tmp_path):
     for i in range(7):
         Image.fromarray(np.full((8, 8, 3), i * 30, np.uint8)).save(src / f"img_{i}.png")
     code = (
-        "import os, numpy as np; from medstudent.inference.folder import collect_images, predict_folder;"
+        "import os, numpy as np; from medstudent.core.folder import collect_images, predict_folder;"
         "files = collect_images({!r});"
         "predict_folder(lambda im: np.array([1 - im.mean() / 255, im.mean() / 255]), 'classification',"
         " files, {!r}, ['dark', 'bright'], root={!r}, on_image=lambda n, t, p: print(p.name, flush=True))"

@@ -20,20 +20,15 @@ from typer.testing import CliRunner
 
 from medstudent.cli import app
 from medstudent.config import PostprocessConfig, load_config
+from medstudent.core.budget import choose_plan, pass_rounds, passes_cost
+from medstudent.core.contract import read_pipeline, sha256_of
+from medstudent.core.postprocess import postprocess
+from medstudent.core.tiling import sliding_window
 from medstudent.data.io import read_image
 from medstudent.errors import DataError
 from medstudent.inference.export import export_model
-from medstudent.inference.postprocess import postprocess
 from medstudent.inference.predict import load_predictor, predict_probs
-from medstudent.runner import (
-    OnnxPipeline,
-    choose_plan,
-    pass_rounds,
-    passes_cost,
-    predict_onnx_folder,
-    read_pipeline,
-    sliding_window,
-)
+from medstudent.runner import OnnxPipeline, predict_onnx_folder
 from medstudent.training.train import train
 from test_training import TINY
 
@@ -135,34 +130,44 @@ def test_export_writes_graphs_and_contract(seg_model, seg_runs, tmp_path):
     assert all("forward" not in vars(m) for m in pred.model.modules())
 
 
-def test_onnx_matches_torch_with_tta_tiles_and_ensembles(seg_model, seg_runs, few_images):
+# The engine-parity suite: each case runs the torch engine (run folders) and the ONNX engine (the export)
+# through the same core on the same images; they must agree within float32 rounding and give equal masks.
+PARITY_CASES = {  # tta, ensemble, tile, scales (None: the pipeline's), images (indices into few_images)
+    "no-tta": ("none", "mean", None, [1.0], slice(None)),
+    "flip-mean": ("flip", "mean", None, None, slice(None)),
+    "d4-vote": ("d4", "vote", None, [1.0], slice(-2, None)),
+    "flip-tiles": ("flip", "mean", 64, [1.0], slice(0, 1)),
+    "flip-two-scales": ("flip", "mean", None, [1.0, 0.75], slice(0, 2)),
+}
+
+
+@pytest.mark.parametrize("case", list(PARITY_CASES))
+def test_engines_agree(case, seg_model, seg_runs, few_images):
+    tta, ensemble, tile, scales, which = PARITY_CASES[case]
     preds = [load_predictor(r) for r in seg_runs]
     pipe = OnnxPipeline(seg_model)
-    images = [read_image(p) for p in sorted(few_images.iterdir())]
-    cases = [
-        ("flip", "mean", None, images),
-        ("d4", "vote", None, images[-2:]),
-        ("flip", "mean", 64, images[:1]),
-    ]
-    for tta, ensemble, tile, imgs in cases:
-        for img in imgs:
-            ref = predict_probs(preds, img, tta=tta, ensemble=ensemble, tile=tile)
-            got = pipe.predict_probs(img, tta=tta, ensemble=ensemble, tile=tile)
-            assert got.shape == ref.shape == img.shape[:2]
-            np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
-            assert np.array_equal(postprocess(got, TUNED), postprocess(ref, TUNED)), (tta, ensemble, tile)
-    # multi-scale TTA: the exported default is the run's; explicit factors give the torch maps
-    assert pipe.tta_scales == preds[0].cfg.predict.tta_scales
-    for img in images[:2]:
-        ref = predict_probs(preds, img, tta="flip", scales=[1.0, 0.75])
-        got = pipe.predict_probs(img, tta="flip", scales=[1.0, 0.75])
+    for path in sorted(few_images.iterdir())[which]:
+        img = read_image(path)
+        ref = predict_probs(preds, img, tta=tta, ensemble=ensemble, tile=tile, scales=scales)
+        got = pipe.predict_probs(img, tta=tta, ensemble=ensemble, tile=tile, scales=scales)
+        assert got.shape == ref.shape == img.shape[:2]
         np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
-        assert np.abs(got - pipe.predict_probs(img, tta="flip", scales=[1.0])).max() > 1e-3
+        assert np.array_equal(postprocess(got, TUNED), postprocess(ref, TUNED)), path.name
+
+
+def test_onnx_scales_members_and_weights(seg_model, seg_runs, few_images):
+    preds = [load_predictor(r) for r in seg_runs]
+    pipe = OnnxPipeline(seg_model)
+    img = read_image(sorted(few_images.iterdir())[0])
+    # multi-scale TTA: the exported default is the run's, and a second scale changes the map
+    assert pipe.tta_scales == preds[0].cfg.predict.tta_scales
+    two = pipe.predict_probs(img, tta="flip", scales=[1.0, 0.75])
+    assert np.abs(two - pipe.predict_probs(img, tta="flip", scales=[1.0])).max() > 1e-3
     # the two members really differ, so the ensemble is not a trivial average of equal maps
-    a, b = (pipe.member_probs(k, images[0], "none") for k in (0, 1))
+    a, b = (pipe.member_probs(k, img, "none") for k in (0, 1))
     assert np.abs(a - b).max() > 0.05
-    # weights: all weight on member 1 gives member 1 alone
-    one = pipe.predict_probs(images[0], tta="none", members=[1], scales=[1.0])
+    # members=[1] gives member 1 alone
+    one = pipe.predict_probs(img, tta="none", members=[1], scales=[1.0])
     np.testing.assert_allclose(one, b, atol=1e-6)
 
 
@@ -378,8 +383,8 @@ def test_classification_export_and_onnx_predict_csv(synth_oct_dir, tmp_path):
     res = runner.invoke(app, ["export", str(run), "-o", str(model), "--tta", "flip"])
     assert res.exit_code == 0, res.output
     spec = read_pipeline(model)
-    assert spec["task"] == "classification" and spec["postprocess"] is None
-    assert spec["members"][0]["preprocess"]["image_size"] == 64
+    assert spec.task == "classification" and spec.postprocess is None
+    assert spec.members[0].preprocess.image_size == 64
     test_dir = synth_oct_dir / "test"
     for engine, args, out in (("torch", [str(run)], "t"), ("onnx", [str(model)], "o")):
         r = runner.invoke(
@@ -416,6 +421,11 @@ def test_bad_inputs_give_one_line_errors_naming_the_file(seg_model, few_images, 
     broken = tmp_path / "broken"
     shutil.copytree(seg_model, broken)
     (broken / "member_1.onnx").write_bytes(b"garbage")
+    with pytest.raises(DataError, match=r"member_1\.onnx: sha256 differs from pipeline\.json"):
+        OnnxPipeline(broken)  # a graph swapped after export is refused before ONNX Runtime reads it
+    doc = json.loads((broken / "pipeline.json").read_text())
+    doc["members"][1]["sha256"] = sha256_of(broken / "member_1.onnx")
+    (broken / "pipeline.json").write_text(json.dumps(doc))
     with pytest.raises(DataError, match=r"member_1\.onnx: cannot load ONNX graph"):
         OnnxPipeline(broken)
     (broken / "member_1.onnx").unlink()

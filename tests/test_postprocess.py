@@ -8,17 +8,17 @@ from scipy import ndimage as ndi
 from skimage.filters import apply_hysteresis_threshold
 
 from medstudent.config import PostprocessConfig
-from medstudent.errors import DataError
-from medstudent.evaluation.metrics import mean_dice
-from medstudent.inference.postprocess import (
+from medstudent.core.postprocess import (
     closing,
     fill_border_objects,
     fill_holes,
     hysteresis,
     postprocess,
     remove_small,
-    tune_postprocess,
 )
+from medstudent.errors import DataError
+from medstudent.evaluation.metrics import mean_dice
+from medstudent.evaluation.postprocess_tuning import tune_postprocess
 
 
 def _blobs_prob() -> np.ndarray:

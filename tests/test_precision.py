@@ -13,6 +13,7 @@ from conftest import TINY_SEG
 from medstudent import precision as prec
 from medstudent.cli import app
 from medstudent.config import load_config
+from medstudent.inference import engine as engine_mod
 from medstudent.inference import predict as predict_mod
 from medstudent.training.train import _precision
 
@@ -69,10 +70,10 @@ def test_training_precision_flag(cpu_bf16):
 def test_prediction_autocast_follows_auto(cpu_bf16, synth_stas_dir, tmp_path):
     """The autocast context of prediction is bf16 under auto only on a bf16-native CPU."""
     cpu_bf16(False)
-    with predict_mod._autocast("auto", torch.device("cpu")):
+    with engine_mod._autocast("auto", torch.device("cpu")):
         assert not torch.is_autocast_enabled("cpu")
     cpu_bf16(True)
-    with predict_mod._autocast("auto", torch.device("cpu")):
+    with engine_mod._autocast("auto", torch.device("cpu")):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     cpu_bf16(False)
     from medstudent.training.train import train

@@ -18,13 +18,11 @@ from medstudent.data.layouts import open_segmentation
 from medstudent.data.preprocess import scaled_contract
 from medstudent.errors import ConfigError, DataError
 from medstudent.inference.predict import (
-    ensemble_probs,
     load_predictor,
     predict_probs,
     predict_seg_probs,
     resolve_device,
 )
-from medstudent.inference.tta import forward_op, inverse_op, tta_mean, tta_ops
 from medstudent.training.losses import IGNORE, DeepSupervisionLoss, SegmentationLoss
 from medstudent.training.optim import lr_factor
 from medstudent.training.train import ensemble_members, train
@@ -167,30 +165,6 @@ def test_scaled_contract_multiplies_scale_or_resize():
     assert scaled_contract(cls, 2.0) == cls
     with pytest.raises(ConfigError, match="tta_scales"):
         load_config("stas_cpu", ["predict.tta_scales=[]"])
-
-
-def test_tta_ops_are_inverted_exactly():
-    x = torch.arange(2 * 3 * 64 * 96, dtype=torch.float32).reshape(2, 3, 64, 96)
-    for op in tta_ops("d4"):
-        assert torch.equal(inverse_op(forward_op(x, op), op), x)
-    # an equivariant "model" (identity) gives identical output under any TTA
-    assert torch.equal(tta_mean(lambda t: t * 2, x, "d4"), x * 2)
-
-
-def test_ensembles_on_hand_made_maps():
-    a = np.array([[0.9, 0.2], [0.6, 0.1]], np.float32)
-    b = np.array([[0.8, 0.7], [0.4, 0.2]], np.float32)
-    c = np.array([[0.1, 0.6], [0.7, 0.3]], np.float32)
-    np.testing.assert_allclose(ensemble_probs([a, b, c], "mean"), (a + b + c) / 3)
-    vote = ensemble_probs([a, b, c], "vote", threshold=0.5)
-    np.testing.assert_allclose(vote, [[2 / 3, 2 / 3], [2 / 3, 0]])
-    assert ((vote > 0.5) == np.array([[1, 1], [1, 0]], bool)).all()
-    # multi-class vote: argmax per member, fraction of members per class
-    p1 = np.array([[0.7, 0.2, 0.1]])[..., None, None].reshape(3, 1, 1)
-    p2 = np.array([0.1, 0.8, 0.1]).reshape(3, 1, 1)
-    p3 = np.array([0.6, 0.3, 0.1]).reshape(3, 1, 1)
-    v = ensemble_probs([p1, p2, p3], "vote")
-    np.testing.assert_allclose(v[:, 0, 0], [2 / 3, 1 / 3, 0])
 
 
 def test_two_model_ensemble_predicts(trained_run):
@@ -435,7 +409,7 @@ def test_ema_checkpoints_hold_the_averaged_weights_and_resume(synth_stas_dir, tm
 def test_tune_postprocess_writes_the_setting_it_reports(trained_run, tmp_path):
     import shutil
 
-    from medstudent.inference.tune import tune_run
+    from medstudent.evaluation.postprocess_tuning import tune_run
 
     configured = load_predictor(trained_run).postprocess.model_dump(mode="json")
     run = tmp_path / "api" / "fold_0"

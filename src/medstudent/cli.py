@@ -13,6 +13,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from medstudent.config import load_config, valid_tta_scales
+from medstudent.core.budget import BudgetPlan
+from medstudent.core.workflow import predict_images
+from medstudent.data.check import check_dataset
+from medstudent.data.stats import write_stats
+from medstudent.data.synth import synth_oct, synth_stas
+from medstudent.distributed import launch_local, rank_world
 from medstudent.errors import DataError
 
 app = typer.Typer(
@@ -64,7 +71,6 @@ def data_check(
     empty_if_missing: EmptyIfMissing = False,
 ) -> None:
     """Read every file and report counts, sizes, modes, classes, empty masks, orphans, duplicates."""
-    from medstudent.data.check import check_dataset
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -114,7 +120,6 @@ def data_stats(
     empty_if_missing: EmptyIfMissing = False,
 ) -> None:
     """Per-image and per-object lesion statistics (CSV) with objects-per-image and object-area plots."""
-    from medstudent.data.stats import write_stats
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -148,6 +153,7 @@ def data_split(
     empty_if_missing: EmptyIfMissing = False,
 ) -> None:
     """A fixed test set plus k stratified (and patient-grouped) folds, as a JSON every command accepts."""
+    # deferred: data.splits imports scikit-learn
     from medstudent.data.layouts import KERMANY_GROUP_REGEX, ClassificationDataset, open_dataset
     from medstudent.data.splits import make_split, save_split, split_from_folders
 
@@ -194,7 +200,6 @@ def synth(
     difficulty: Annotated[float, typer.Option(help="OCT: 0 easy .. 1 hard")] = 0.5,
 ) -> None:
     """Procedural data in exactly the real layouts (STAS: JPEG + labelme; OCT: OCT2017 folders)."""
-    from medstudent.data import synth as s
 
     if task == "stas":
         kw = {
@@ -202,10 +207,10 @@ def synth(
             for k, v in {"width": width, "height": height, "n_unlabeled": n_unlabeled}.items()
             if v is not None
         }
-        path = s.synth_stas(out, n=n, seed=seed, **kw)
+        path = synth_stas(out, n=n, seed=seed, **kw)
     elif task == "oct":
         kw = {k: v for k, v in {"size": size, "n_unlabeled": n_unlabeled}.items() if v is not None}
-        path = s.synth_oct(out, n=n, seed=seed, difficulty=difficulty, **kw)
+        path = synth_oct(out, n=n, seed=seed, difficulty=difficulty, **kw)
     else:
         raise DataError(None, f"synth: unknown task '{task}' (stas or oct)")
     console.print(f"wrote synthetic {task} data to {path}")
@@ -259,8 +264,7 @@ def train_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Train a model; writes runs/<name>/fold_<k>/ (config, checkpoints, logs, metrics, curves)."""
-    from medstudent.config import load_config
-    from medstudent.training.train import ensemble_members, train
+    from medstudent.training.train import ensemble_members, train  # deferred: imports torch, lightning
 
     extra = _scale_out(devices, num_nodes, strategy)
     cfg = load_config(config, [*(overrides or []), *extra])
@@ -287,8 +291,7 @@ def selftrain_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Noisy Student: teacher -> confident pseudo labels -> noised student, round after round."""
-    from medstudent.config import load_config
-    from medstudent.selftrain import run_selftrain
+    from medstudent.selftrain import run_selftrain  # deferred: imports torch, lightning
 
     extra = _scale_out(devices, num_nodes, strategy)
     extra += [f"data.fold={_fold(fold)}"] if fold is not None else []
@@ -364,91 +367,82 @@ def predict_cmd(
     ] = None,
 ) -> None:
     """Predict masks (segmentation) or class probabilities (classification) for a folder of images."""
-    from medstudent.distributed import launch_local, rank_world
 
     if devices > 1 and rank_world()[1] == 1:  # start the ranks; each predicts every devices-th image
         raise typer.Exit(launch_local(devices))
-    if engine not in ("torch", "onnx"):
-        raise DataError(None, f"--engine must be torch or onnx, got '{engine}'")
-    if engine == "onnx":
-        from medstudent.runner import predict_onnx_folder
+    engine_obj = _load_engine(engine, runs, precision=precision, device=device, int8=int8)
 
+    with _progress() as bar:
+        task = bar.add_task("predicting", total=None)
+
+        def on_image(n: int, total: int, path: Path) -> None:
+            bar.update(task, completed=n, total=total, description=f"predicting {path.name}")
+
+        summary = predict_images(
+            engine_obj,
+            images,
+            out,
+            tta=tta,
+            tta_scales=parse_scales(tta_scales),
+            ensemble=ensemble,
+            budget_seconds=budget_seconds,
+            tile=tile,
+            postprocess=postprocess,
+            save_probs=probs,
+            save_labelme=labelme,
+            save_overlays=overlays,
+            on_image=on_image,
+        )
+        bar.update(task, completed=summary["images"], total=summary["images"], description="predicted")
+    _report_prediction(summary, len(summary["members"]), out)
+
+
+def _load_engine(engine: str, runs: list[Path], *, precision: str, device: str, int8: bool | None):
+    """--engine torch: run folders / checkpoints / run roots; --engine onnx: one exported folder."""
+    if engine == "onnx":
         if len(runs) != 1:
             raise DataError(None, "--engine onnx takes one exported model folder")
         if precision != "32":
             raise DataError(None, "--precision is for the torch engine")
         if device not in ("auto", "cpu"):
             raise DataError(None, "--device is for the torch engine (ONNX Runtime runs on the CPU)")
-        with console.status("predicting (ONNX Runtime)") as status:
-            summary = predict_onnx_folder(
-                runs[0],
-                images,
-                out,
-                tta=tta,
-                tta_scales=parse_scales(tta_scales),
-                ensemble=ensemble,
-                budget_seconds=budget_seconds,
-                tile=tile,
-                postprocess=postprocess,
-                save_probs=probs,
-                save_labelme=labelme,
-                save_overlays=overlays,
-                int8=int8,
-                on_image=lambda n, total, p: status.update(f"predicting {n + 1}/{total}: {p.name}"),
-            )
-        _report_prediction(summary, len(summary["members"]), out)
-        return
+        from medstudent.runner import OnnxPipeline  # deferred: loads onnxruntime
+
+        return OnnxPipeline(runs[0], int8=int8)
+    if engine != "torch":
+        raise DataError(None, f"--engine must be torch or onnx, got '{engine}'")
     if int8 is not None:
         raise DataError(None, "--int8/--fp32 choose the graphs of the onnx engine")
-    from medstudent.inference.folder import collect_images, predict_folder
-    from medstudent.inference.predict import expand_runs, load_predictor, predict_probs, resolve_device
+    from medstudent.inference.engine import load_engine  # deferred: imports torch
 
-    dev = resolve_device(device)
-    predictors = [load_predictor(p, device=dev) for p in expand_runs(runs)]
-    first = predictors[0]
-    tta = tta or first.cfg.predict.tta
-    scales = parse_scales(tta_scales) or list(first.cfg.predict.tta_scales)
-    ensemble = ensemble or first.cfg.predict.ensemble
-    files = collect_images(images)
-    if precision not in ("32", "bf16", "auto"):
-        raise DataError(None, f"--precision must be 32, bf16 or auto, got '{precision}'")
-    plan = None
-    if budget_seconds is not None:
-        from medstudent.inference.export import plan_torch_budget
+    return load_engine(runs, device=device, precision=precision)
 
-        plan = plan_torch_budget(
-            predictors, files, budget_seconds, tta, precision=precision, tile=tile, scales=scales
-        )
-        if plan is not None:
-            tta, predictors = plan.tta, [predictors[i] for i in plan.members]
-    from medstudent.inference.postprocess import for_ensemble
 
-    post = for_ensemble(first.postprocess, ensemble) if postprocess else None
-    with console.status("predicting") as status:
-        summary = predict_folder(
-            lambda img: predict_probs(
-                predictors, img, tta=tta, ensemble=ensemble, precision=precision, tile=tile, scales=scales
-            ),
-            first.task,
-            files,
-            out,
-            first.class_names,
-            post=post,
-            save_probs=probs,
-            save_labelme=labelme,
-            save_overlays=overlays,
-            root=images if images.is_dir() else None,
-            on_image=lambda n, total, p: status.update(f"predicting {n + 1}/{total}: {p.name}"),
-        )
-    summary.update(
-        {"tta": tta, "tta_scales": scales, "ensemble": ensemble, "plan": plan.to_dict() if plan else None}
+def _progress():
+    """A rich progress bar with counts, elapsed time and ETA (on stderr, so stdout stays clean)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
     )
-    _report_prediction(summary, len(predictors), out)
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    )
 
 
 def parse_scales(text: str | None) -> list[float] | None:
     """'1,1.25' -> [1.0, 1.25] (the CLI's --tta-scales); None/empty = the run's predict.tta_scales."""
-    from medstudent.config import valid_tta_scales
 
     if text is None or not text.strip():
         return None
@@ -467,8 +461,6 @@ def _scales_text(scales: list[float] | None) -> str:
 
 def _report_prediction(summary: dict, n_models: int, out: Path) -> None:
     if summary.get("plan"):
-        from medstudent.runner.budget import BudgetPlan
-
         console.print(BudgetPlan(**summary["plan"]).summary(), highlight=False, soft_wrap=True)
     console.print(
         f"{summary['predicted']}/{summary['images']} image(s) predicted with {n_models} "
@@ -507,7 +499,7 @@ def export_cmd(
     ] = None,
 ) -> None:
     """Export runs to ONNX (dynamic height/width) plus pipeline.json, for `predict --engine onnx`."""
-    from medstudent.inference.export import export_runs, parse_weights
+    from medstudent.inference.export import export_runs, parse_weights  # deferred: imports torch, onnx
 
     spec = export_runs(
         runs,
@@ -537,7 +529,7 @@ def evaluate_cmd(
     out: Annotated[Path, typer.Option("-o", "--out", help="report folder")],
 ) -> None:
     """Score predictions: Dice/IoU/precision/recall per image, or accuracy/F1/AUC/sensitivity/specificity."""
-    from medstudent.evaluation.evaluate import (
+    from medstudent.evaluation.evaluate import (  # deferred: imports matplotlib, scikit-learn
         evaluate_classification,
         evaluate_segmentation,
         per_class_table,
@@ -584,7 +576,7 @@ def tune_postprocess_cmd(
     tta: Annotated[str | None, typer.Option(help="TTA for the validation maps (default: the run's)")] = None,
 ) -> None:
     """Grid-search post-processing on the run's validation predictions; writes <run>/postprocess.json."""
-    from medstudent.inference.tune import tune_run
+    from medstudent.evaluation.postprocess_tuning import tune_run  # deferred: imports torch
 
     res = tune_run(run, tta=tta, progress=lambda msg: console.print(msg, highlight=False))
     console.print(
@@ -613,7 +605,7 @@ def demo_cmd(
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
 ) -> None:
     """Synthesise data, train the CPU recipe briefly, predict with TTA + post-processing, evaluate, report."""
-    from medstudent.demo import run_demo
+    from medstudent.demo import run_demo  # deferred: imports torch, lightning
 
     run_demo(task, out, minutes=minutes, seed=seed, console=console)
 
@@ -643,8 +635,7 @@ def cv_cmd(
     strategy: StrategyOpt = None,
 ) -> None:
     """Cross-validation: train every fold (resuming finished ones), out-of-fold predictions, mean +- sd."""
-    from medstudent.config import load_config
-    from medstudent.experiments.cv import run_cv
+    from medstudent.experiments.cv import run_cv  # deferred: imports torch, lightning
 
     cfg = load_config(config, [*(overrides or []), *_scale_out(devices, num_nodes, strategy)])
     res = run_cv(
@@ -695,9 +686,8 @@ def tune_cmd(
     quiet: Annotated[bool, typer.Option(help="no per-trial log")] = False,
 ) -> None:
     """Optuna study over the config's `search:` space; objective: the CV metric; resumable, multi-worker."""
-    import optuna
+    import optuna  # deferred: optuna and the trainer import slowly
 
-    from medstudent.config import load_config
     from medstudent.experiments.hpo import run_study
 
     if quiet:
@@ -740,7 +730,7 @@ def compare_cmd(
     out: Annotated[Path | None, typer.Option("-o", "--out", help="report folder (<csv>_compare)")] = None,
 ) -> None:
     """Friedman + Nemenyi (CD diagram) or Wilcoxon over data sets; Markdown/JSON report."""
-    from medstudent.evaluation.stats import compare_files
+    from medstudent.evaluation.stats import compare_files  # deferred: imports matplotlib, scikit-posthocs
 
     out = out or results[0].with_name(results[0].stem + "_compare")
     comp, files = compare_files(

@@ -10,16 +10,30 @@ from __future__ import annotations
 
 import html
 import json
+import shutil
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
 from medstudent.config import load_config
+from medstudent.core.folder import collect_images, predict_folder
+from medstudent.core.overlay import overlay
+from medstudent.data.io import read_image, read_mask
+from medstudent.data.layouts import open_classification, open_segmentation
+from medstudent.data.splits import make_split, save_split, split_from_folders
+from medstudent.data.synth import synth_oct, synth_stas
+from medstudent.errors import DataError
+from medstudent.evaluation.evaluate import evaluate_classification, evaluate_segmentation, per_class_table
+from medstudent.evaluation.metrics import mean_dice
+from medstudent.evaluation.postprocess_tuning import tune_run
+from medstudent.inference.predict import load_predictor, predict_probs
+from medstudent.training.train import train
 
 
 def run_demo(
@@ -36,30 +50,17 @@ def run_demo(
         return _demo_stas(Path(out), minutes, seed, console, small)
     if task == "oct":
         return _demo_oct(Path(out), minutes, seed, console, small)
-    from medstudent.errors import DataError
 
     raise DataError(None, f"demo: unknown task '{task}' (stas or oct)")
 
 
 def _fresh(path: Path) -> None:
-    import shutil
 
     if path.exists():
         shutil.rmtree(path)
 
 
 def _demo_stas(out: Path, minutes: float | None, seed: int, console: Console, small: bool) -> dict:
-    from medstudent.data.io import read_image, read_mask
-    from medstudent.data.layouts import open_segmentation
-    from medstudent.data.splits import make_split, save_split
-    from medstudent.data.synth import synth_stas
-    from medstudent.evaluation.evaluate import evaluate_segmentation
-    from medstudent.evaluation.metrics import mean_dice
-    from medstudent.evaluation.report import overlay
-    from medstudent.inference.folder import predict_folder
-    from medstudent.inference.predict import load_predictor, predict_probs
-    from medstudent.inference.tune import tune_run
-    from medstudent.training.train import train
 
     t0 = time.time()
     n, w, h = (16, 192, 128) if small else (56, 384, 224)
@@ -163,7 +164,6 @@ def _demo_stas(out: Path, minutes: float | None, seed: int, console: Console, sm
 def _stas_html(
     out: Path, images, gt_dir: Path, pred_dir: Path, results: dict, read_image, read_mask, overlay
 ) -> Path:
-    import pandas as pd
 
     per = pd.read_csv(pred_dir / "report" / "per_image.csv").set_index("id")
     (out / "html").mkdir(exist_ok=True)
@@ -197,13 +197,6 @@ def _stas_html(
 
 
 def _demo_oct(out: Path, minutes: float | None, seed: int, console: Console, small: bool) -> dict:
-    from medstudent.data.layouts import open_classification
-    from medstudent.data.splits import save_split, split_from_folders
-    from medstudent.data.synth import synth_oct
-    from medstudent.evaluation.evaluate import evaluate_classification, per_class_table
-    from medstudent.inference.folder import collect_images, predict_folder
-    from medstudent.inference.predict import load_predictor, predict_probs
-    from medstudent.training.train import train
 
     t0 = time.time()
     data = out / "data"

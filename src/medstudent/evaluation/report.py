@@ -16,10 +16,9 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
-from scipy.ndimage import binary_dilation
-from skimage.segmentation import find_boundaries
 from sklearn.metrics import ConfusionMatrixDisplay
 
+from medstudent.core.overlay import mask_for, overlay, rgb
 from medstudent.errors import DataError
 
 TILE_PX = 480  # gallery tile width in pixels (<= 600 as asked for reports)
@@ -39,59 +38,6 @@ def _save(fig: Figure, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=_DPI)
     return path
-
-
-def _rgb(image: np.ndarray) -> np.ndarray:
-    """HxW, HxWx1, HxWx3 or HxWx4 (uint8 or float in [0, 1]) -> HxWx3 uint8."""
-    img = np.asarray(image)
-    if img.dtype != np.uint8:
-        scale = 255.0 if img.size and float(np.nanmax(img)) <= 1.0 else 1.0
-        img = np.clip(np.nan_to_num(img.astype(float)) * scale, 0, 255).astype(np.uint8)
-    if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
-    elif img.ndim == 3 and img.shape[2] == 1:
-        img = np.repeat(img, 3, axis=2)
-    elif img.ndim == 3 and img.shape[2] == 4:
-        img = img[:, :, :3]
-    if img.ndim != 3 or img.shape[2] != 3:
-        raise DataError(None, f"image must be HxW or HxWx3, got shape {np.asarray(image).shape}")
-    return img
-
-
-def _mask_for(mask: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
-    m = np.asarray(mask)
-    if m.ndim == 3 and m.shape[2] == 1:
-        m = m[:, :, 0]
-    if m.shape != tuple(shape[:2]):
-        raise DataError(None, f"{what} shape {m.shape} does not match image {tuple(shape[:2])}")
-    return m > 0
-
-
-def overlay(
-    image: np.ndarray,
-    mask: np.ndarray,
-    color: tuple[int, int, int] = (255, 0, 255),
-    alpha: float = 0.4,
-    contour: bool = True,
-) -> np.ndarray:
-    """Image with the mask tinted in `color` (alpha blend) and, optionally, its outline drawn opaque.
-
-    The outline is 2 px thick (`find_boundaries(mode="thick")`) and thicker for images over 1200 px, so it
-    stays visible when the PNG is viewed scaled down. Returns HxWx3 uint8.
-    """
-    img = _rgb(image)
-    m = _mask_for(mask, img.shape, "mask")
-    out = img.astype(np.float32)
-    col = np.asarray(color, dtype=np.float32)
-    if alpha > 0:
-        out[m] = (1 - alpha) * out[m] + alpha * col
-    if contour and m.any():
-        edge = find_boundaries(m, mode="thick")
-        extra = max(img.shape[:2]) // 1200
-        if extra:
-            edge = binary_dilation(edge, iterations=extra)
-        out[edge] = col
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def _downscale(img: np.ndarray, masks: list[np.ndarray], width: int = TILE_PX) -> tuple[np.ndarray, list]:
@@ -135,9 +81,9 @@ def seg_gallery_png(items: list[dict[str, Any]], path: str | Path, title: str) -
     if not items:
         axes[0].text(0.5, 0.5, "no items", ha="center", va="center")
     for ax, it in zip(axes, items, strict=False):
-        img = _rgb(it["image"])
-        gt = _mask_for(it["gt"], img.shape, f"gt of {it['id']}")
-        pred = _mask_for(it["pred"], img.shape, f"pred of {it['id']}")
+        img = rgb(it["image"])
+        gt = mask_for(it["gt"], img.shape, f"gt of {it['id']}")
+        pred = mask_for(it["pred"], img.shape, f"pred of {it['id']}")
         small, (gt_s, pred_s) = _downscale(img, [gt, pred])
         shown = overlay(overlay(small, gt_s, GT_COLOR, alpha=0.0), pred_s, PRED_COLOR, alpha=0.0)
         ax.imshow(shown)
@@ -155,7 +101,7 @@ def cls_gallery_png(items: list[dict[str, Any]], path: str | Path, title: str) -
     if not items:
         axes[0].text(0.5, 0.5, "no items", ha="center", va="center")
     for ax, it in zip(axes, items, strict=False):
-        small, _ = _downscale(_rgb(it["image"]), [])
+        small, _ = _downscale(rgb(it["image"]), [])
         ax.imshow(small)
         wrong = str(it["true"]) != str(it["pred"])
         ax.set_title(

@@ -135,8 +135,8 @@ def score_models(
     pooled_dice, mean_iou. Classification: per-image class probabilities; metrics accuracy, macro_f1,
     auc_macro. Both add n_images. Probability maps go to `maps_dir` (segmentation) when given.
     """
+    from medstudent.core.postprocess import postprocess
     from medstudent.evaluation.metrics import classification_metrics, seg_scores
-    from medstudent.inference.postprocess import postprocess
     from medstudent.inference.predict import load_predictor, predict_probs
 
     if not models:

@@ -15,8 +15,6 @@ in one call, while the dynamo exporter needs onnxscript and symbolic shape const
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import platform
@@ -31,16 +29,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from medstudent.core.contract import TTA_SETS, check_choices, sha256_of, write_pipeline
+from medstudent.data.io import list_images, read_image
+from medstudent.data.preprocess import apply_eval_contract
 from medstudent.errors import DataError
-from medstudent.inference.predict import Predictor, expand_runs, load_predictor
-from medstudent.inference.tta import TTA_SETS
+from medstudent.inference.engine import pipeline_spec
+from medstudent.inference.runs import Predictor, expand_runs, load_predictor
 
-PIPELINE_FILE = "pipeline.json"
-PIPELINE_FORMAT = "medstudent-onnx-pipeline"
-PIPELINE_VERSION = 1
 MIN_OPSET = 17
-SIGMA_SCALE = 0.125  # MONAI's default Gaussian window sigma (fraction of the tile), as predict_seg_probs
-SW_BATCH_SIZE = 2  # windows per forward pass, as predict_seg_probs
 
 
 class _Probabilities(nn.Module):
@@ -81,14 +77,6 @@ def _versions(opset: int) -> dict[str, str | int]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _example_input(pred: Predictor) -> torch.Tensor:
     c = pred.contract
     if pred.task == "segmentation":
@@ -102,7 +90,7 @@ def _sums_as_adds(model: nn.Module):
     """Trace smp FPN's merge (`torch.stack(features).sum(0)`) as a chain of additions.
 
     The stack exports as Unsqueeze + Concat + ReduceSum, which copies four full-resolution feature maps
-    into one tensor first (about 8% of ONNX Runtime's time for FPN-Lite0 at 864x480); the additions give
+    into one tensor first (a measurable share of ONNX Runtime's time, BENCHMARKS.md); the additions give
     the same sum without the copy. Only the export sees this; the module is restored afterwards.
     """
     from segmentation_models_pytorch.decoders.fpn.decoder import MergeBlock
@@ -214,7 +202,7 @@ def quantize_int8_static(src: str | Path, dst: str | Path, inputs: list[np.ndarr
 
     Segmentation quantises only the decoder's convolutions: on the stas_cpu model (FPN + Lite0) quantising
     everything moved the masks far from float32 (agreement Dice 0.95, 8 test images) while the decoder,
-    which holds about two thirds of the time at 864x480, kept 0.994. Quantising the GroupNorm, resize and
+    which holds most of the time at 864x480 (BENCHMARKS.md), kept 0.994. Quantising the GroupNorm, resize and
     add nodes between the decoder's convolutions as well was no faster (each needs a float32 round trip
     around the normalisation) and rounds more, so those stay float32 and each int8 convolution
     (QLinearConv after ONNX Runtime's QDQ fusion) reads and writes uint8 through one Quantize /
@@ -268,39 +256,10 @@ def _in_decoder(node_name: str) -> bool:
 
 def calibration_inputs(pred: Predictor, folder: str | Path, n: int = CALIBRATION_IMAGES) -> list[np.ndarray]:
     """The first `n` images of `folder` (sorted), preprocessed by the run's eval contract."""
-    from medstudent.data.io import list_images, read_image
-    from medstudent.data.preprocess import apply_eval_contract
-
     files = list_images(Path(folder))[:n]
     if not files:
         raise DataError(folder, "int8 static: no images to calibrate on")
     return [apply_eval_contract(read_image(f), pred.contract)[0] for f in files]
-
-
-def _member_entry(pred: Predictor, file: str, weight: float, check: float | None) -> dict[str, Any]:
-    p = pred.cfg.predict
-    return {
-        "file": file,
-        "weight": float(weight),
-        "source": str(pred.source),
-        "arch": pred.cfg.model.arch,
-        "encoder": pred.cfg.model.encoder,
-        "activation": _activation(pred),
-        "preprocess": pred.contract,
-        "sliding_window": {
-            # predict_seg_probs: tile when a tile is set or the padded input has more than
-            # max_full_pixels pixels; tile size rounded down to a multiple of 32 (default 512)
-            "tile": p.tile,
-            "default_tile": 512,
-            "max_full_pixels": int(p.max_full_pixels),
-            "overlap": float(p.overlap),
-            "mode": "gaussian",
-            "sigma_scale": SIGMA_SCALE,
-            "padding": "constant 0 (normalised), centred, when the input is smaller than the tile",
-            "sw_batch_size": SW_BATCH_SIZE,
-        },
-        "export_max_abs_diff": check,
-    }
 
 
 def export_runs(
@@ -336,44 +295,31 @@ def export_runs(
     if not paths:
         raise DataError(None, "export: no runs given")
     preds = [load_predictor(p) for p in paths]
-    first = preds[0]
-    if any(p.task != first.task for p in preds):
-        raise DataError(None, "cannot export segmentation and classification runs as one ensemble")
-    if any(p.class_names != first.class_names for p in preds):
-        raise DataError(paths[1], f"class names differ from {paths[0]}'s; cannot ensemble")
-    tta = tta or first.cfg.predict.tta
-    if tta not in TTA_SETS:
-        raise DataError(None, f"unknown TTA '{tta}' (none, flip, d4)")
-    ensemble = ensemble or first.cfg.predict.ensemble
-    if ensemble not in ("mean", "vote"):
-        raise DataError(None, f"unknown ensemble mode '{ensemble}' (mean, vote)")
-    w = np.ones(len(preds)) if weights is None else np.asarray(weights, dtype=float)
-    if w.shape != (len(preds),) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-        raise DataError(None, f"export: need {len(preds)} non-negative weight(s), got {weights}")
-    w = w / w.sum()
+    spec = pipeline_spec(preds, tta, ensemble, weights, tta_scales)
+    check_choices(spec.tta, spec.ensemble.mode)
     out.mkdir(parents=True, exist_ok=True)
-    members = []
-    for k, (pred, path) in enumerate(zip(preds, paths, strict=True)):
+    for k, (pred, path, member) in enumerate(zip(preds, paths, spec.members, strict=True)):
         t0 = time.perf_counter()
         file = f"member_{k}.onnx"
         export_model(pred, out / file, opset)
         diff = check_export(pred, out / file) if check else None
-        entry = _member_entry(pred, file, float(w[k]), diff)
-        entry["sha256"] = _sha256(out / file)
+        member.file, member.sha256 = file, sha256_of(out / file)
         if mode == "dynamic":
-            entry["int8_file"] = quantize_int8(out / file, out / f"member_{k}.int8.onnx").name
+            member.int8_file = quantize_int8(out / file, out / f"member_{k}.int8.onnx").name
         elif mode == "static":
             inputs = calibration_inputs(pred, calibrate)  # type: ignore[arg-type]
-            q = quantize_int8_static(out / file, out / f"member_{k}.int8.onnx", inputs, pred.task)
-            entry["int8_file"] = q.name
-        members.append(entry)
+            member.int8_file = quantize_int8_static(
+                out / file, out / f"member_{k}.int8.onnx", inputs, pred.task
+            ).name
+        # facts for people reading pipeline.json (extra keys: the engines do not read them)
+        extra = {"arch": pred.cfg.model.arch, "encoder": pred.cfg.model.encoder, "export_max_abs_diff": diff}
+        for key, value in {**extra, "activation": _activation(pred)}.items():
+            setattr(member, key, value)
+        member.sliding_window.padding = (
+            "constant 0 (normalised), centred, when the input is smaller than the tile"
+        )
         say(f"exported {path} -> {out / file} in {time.perf_counter() - t0:.1f} s (max |diff| {diff})")
-    spec: dict[str, Any] = {
-        "format": PIPELINE_FORMAT,
-        "format_version": PIPELINE_VERSION,
-        "task": first.task,
-        "class_names": first.class_names,
-        "binary": bool(first.binary),
+    notes = {
         "input": {
             "name": "input",
             "dtype": "float32",
@@ -381,8 +327,6 @@ def export_runs(
             "dynamic": ["batch", "height", "width"],
         },
         "output": {"name": "probs", "meaning": "sigmoid (binary) or softmax over axis 1, float32"},
-        "tta": tta,
-        "tta_scales": [float(f) for f in (tta_scales or first.cfg.predict.tta_scales)],
         "tta_scales_note": "segmentation: the tta passes at each multiple of the contract's resolution "
         "(scale or resize), mean of the maps at the original size",
         "tta_sets": {k: [list(op) for op in v] for k, v in TTA_SETS.items()},
@@ -390,10 +334,7 @@ def export_runs(
             "segmentation: ops (quarter turns, flip width, flip height), flips first; the inverse maps each "
             "output back before the mean. classification: any set other than none = image + horizontal mirror"
         ),
-        "ensemble": {"mode": ensemble, "weights": [float(v) for v in w]},
-        "postprocess": first.postprocess.model_dump(mode="json") if first.task == "segmentation" else None,
         "postprocess_note": "applied to binary maps; with vote ensembles threshold 0.5 and no hysteresis",
-        "members": members,
         "int8": {
             "available": mode != "none",
             "use": False,
@@ -403,61 +344,10 @@ def export_runs(
         "versions": _versions(opset),
         "exported": {"date": str(date.today()), "machine": f"{platform.machine()}, {os.cpu_count()} cores"},
     }
-    (out / PIPELINE_FILE).write_text(json.dumps(spec, indent=1))
-    return spec
-
-
-# ------------------------------------------------------------------------------ torch engine under a budget
-def torch_member_costs(
-    predictors: list[Predictor],
-    image: np.ndarray,
-    precision: str = "32",
-    tile: int | None = None,
-    scales: list[float] | None = None,
-) -> list[dict[str, float]]:
-    """Seconds of one un-augmented prediction of `image` per predictor (after a warm-up run), for
-    `runner.budget.choose_plan`; preprocessing is counted in the pass (a slight over-estimate with TTA).
-    With multi-scale TTA (`scales`, default each run's) one pass is one pass at every scale."""
-    from medstudent.inference.predict import predict_cls_probs, predict_seg_probs
-
-    costs = []
-    for p in predictors:
-
-        def once(p: Predictor = p) -> None:
-            if p.task == "segmentation":
-                predict_seg_probs(p, image, "none", precision, tile=tile, scales=scales)
-            else:
-                predict_cls_probs(p, image, "none", precision)
-
-        once()
-        t0 = time.perf_counter()
-        once()
-        costs.append({"fixed_s": 0.0, "pass_s": time.perf_counter() - t0})
-    return costs
-
-
-def plan_torch_budget(
-    predictors: list[Predictor],
-    files: list[Path],
-    budget_s: float,
-    tta: str,
-    precision: str = "32",
-    tile: int | None = None,
-    scales: list[float] | None = None,
-):
-    """`predict --engine torch --budget-seconds`: measure on the first readable image, choose the plan
-    (`runner.budget.choose_plan`, equal weights). None when no image can be read."""
-    from medstudent.data.io import read_image
-    from medstudent.runner.budget import choose_plan
-
-    for f in files:
-        try:
-            img = read_image(f)
-        except DataError:
-            continue
-        costs = torch_member_costs(predictors, img, precision, tile, scales)
-        return choose_plan(budget_s, costs, task=predictors[0].task, max_tta=tta)
-    return None
+    for key, value in notes.items():
+        setattr(spec, key, value)
+    write_pipeline(spec, out)
+    return spec.model_dump(mode="json")
 
 
 def parse_weights(text: str | None) -> list[float] | None:

@@ -259,12 +259,12 @@ def _train_members(
     log: Callable[[str], None],
     init_from: list[Path] | None = None,
 ) -> list[Path]:
-    from medstudent.inference.predict import _checkpoint_of
+    from medstudent.inference.predict import checkpoint_of
     from medstudent.training.train import train
 
     dirs = member_dirs(round_dir, n)
     for m, d in enumerate(dirs):
-        init = _checkpoint_of(init_from[m % len(init_from)]) if init_from else None
+        init = checkpoint_of(init_from[m % len(init_from)]) if init_from else None
         if _done(d):
             log(f"{d}: already trained, kept")
             continue
@@ -412,7 +412,7 @@ def in_process_group() -> bool:
 
 def _seg_pseudo(prob: np.ndarray, post, threshold: float) -> tuple[np.ndarray, float]:
     """(pseudo mask with IGNORE, confident-pixel fraction); `post` optionally cleans the hard labels."""
-    from medstudent.inference.postprocess import postprocess
+    from medstudent.core.postprocess import postprocess
 
     hard = postprocess(prob, post) if (post is not None and prob.ndim == 2) else None
     return seg_pseudo_mask(prob, threshold, hard)

@@ -1,8 +1,8 @@
 """Pick TTA passes and ensemble members to fit a time budget per image, from measured costs.
 
-Engine-agnostic: the ONNX runner and the torch predictor each measure, per member, a fixed cost
-(preprocessing, resizing back) and the cost of one network pass (tiles included) on a real image; the plan
-is then pure arithmetic, so it is tested without timing anything.
+Engine-agnostic: `calibrate` measures, per member of any engine, a fixed cost (preprocessing, resizing
+back) and the cost of one network pass (tiles included) on a real image through the same `core.inferer`
+that predicts; the plan is then pure arithmetic (`choose_plan`), so it is tested without timing anything.
 
 Rule: candidates are the TTA sets up to the requested one (none < flip < d4) times the k members with the
 largest ensemble weights (k = 1..M). Estimated seconds per image = overhead (post-processing) + the sum over
@@ -16,27 +16,23 @@ it does not fit.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from medstudent.inference.tta import TTA_SETS
+import numpy as np
+
+from medstudent.core.inferer import Engine, member_probs, prepare, tile_size
+from medstudent.core.postprocess import postprocess as run_postprocess
+from medstudent.core.tta import tta_passes
 
 TTA_ORDER = ("none", "flip", "d4")
 
 
-def tta_passes(task: str, tta: str) -> int:
-    """Network passes per member: segmentation runs every op of the set; classification, as
-    `predict_cls_probs`, runs the image alone (none) or with its horizontal mirror (any other set)."""
-    if tta not in TTA_SETS:
-        raise ValueError(f"unknown TTA '{tta}' (none, flip, d4)")
-    if task == "classification":
-        return 1 if tta == "none" else 2
-    return len(TTA_SETS[tta])
-
-
 def pass_rounds(passes: int, threads: int) -> tuple[int, int]:
-    """How the ONNX runner schedules `passes` independent network passes on `threads` cores: full rounds of
-    `threads` concurrent single-threaded passes, then the rest one after another with all threads.
+    """How an engine that runs passes side by side (the ONNX one) schedules `passes` independent network
+    passes on `threads` cores: full rounds of `threads` concurrent single-threaded passes, then the rest
+    one after another with all threads.
     Returns (rounds, rest); no rounds with fewer passes than threads or one thread."""
     if threads <= 1 or passes < threads:
         return 0, passes
@@ -118,4 +114,53 @@ def choose_plan(
         n_members=len(costs),
         costs=[dict(c) for c in costs],
         overhead_s=float(overhead_s),
+    )
+
+
+# ------------------------------------------------------------------------------------------- measuring
+def calibrate(
+    engine: Engine,
+    image: np.ndarray,
+    budget_s: float,
+    tta: str | None = None,
+    tile: int | None = None,
+    postprocess: bool = True,
+    scales: list[float] | None = None,
+) -> BudgetPlan:
+    """Measure each member of `engine` on `image` (a warm-up run, then one timed run, through the same
+    `core.inferer` steps that predict) and choose the plan. With multi-scale TTA one pass is one pass at
+    every scale: the timings add up over the scales. An engine that runs whole-image passes side by side
+    (`round_seconds`) is also timed for one such round."""
+    spec = engine.spec
+    factors = spec.scale_factors(scales)
+    round_seconds = getattr(engine, "round_seconds", None)
+    costs = []
+    out = None
+    for k in range(len(spec.members)):
+        timing: dict[str, float] = {}
+        for f in factors:
+            member_probs(engine, k, image, "none", tile, factor=f)  # warm-up: first runs allocate
+            out = member_probs(engine, k, image, "none", tile, timing=timing, factor=f)
+            if round_seconds is None or spec.task != "segmentation":
+                continue
+            x, _ = prepare(engine, k, image, f)
+            if tile_size(engine, k, x, tile) is None:  # tiled passes run one after another
+                seconds, threads = round_seconds(k, x)
+                if threads > 1:
+                    timing["round_s"] = timing.get("round_s", 0.0) + seconds
+                    timing["threads"] = threads
+        costs.append(timing)
+    overhead = 0.0
+    post = spec.postprocess
+    if postprocess and post is not None and out is not None and out.ndim == 2:
+        t0 = time.perf_counter()
+        run_postprocess(out, post)
+        overhead = time.perf_counter() - t0
+    return choose_plan(
+        budget_s,
+        costs,
+        task=spec.task,
+        max_tta=tta or spec.tta,
+        weights=spec.member_weights(),
+        overhead_s=overhead,
     )

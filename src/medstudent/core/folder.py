@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from medstudent.core.overlay import overlay
+from medstudent.core.postprocess import postprocess
 from medstudent.data.io import list_images, read_image, write_mask_png
 from medstudent.data.labelme import mask_to_labelme, write_labelme
+from medstudent.data.layouts import IMAGE_DIRS, UNLABELED_DIRS
 from medstudent.distributed import rank_world
 from medstudent.errors import DataError
-from medstudent.inference.postprocess import postprocess
 
 
 def collect_images(source: str | Path) -> list[Path]:
@@ -32,8 +34,6 @@ def collect_images(source: str | Path) -> list[Path]:
     imgs = list_images(source)
     if imgs:
         return imgs
-    from medstudent.data.layouts import IMAGE_DIRS, UNLABELED_DIRS
-
     for name in (*IMAGE_DIRS, *UNLABELED_DIRS):
         if (source / name).is_dir():
             return list_images(source / name)
@@ -45,6 +45,24 @@ def collect_images(source: str | Path) -> list[Path]:
     if not nested:
         raise DataError(source, "contains no images")
     return nested
+
+
+def output_stems(images: list[Path]) -> list[str]:
+    """The file stem each image's outputs are written under: its own stem, unless two inputs share it
+    (`a.jpg` + `a.png`, or one name in two class folders). Those are named by their path below the
+    deepest folder they share, '/' and the extension's dot as '_' (`CNV/a.jpeg` -> `CNV_a_jpeg`), so no
+    output overwrites another."""
+    counts: dict[str, int] = {}
+    for p in images:
+        counts[p.stem.lower()] = counts.get(p.stem.lower(), 0) + 1
+    clashing = [p for p in images if counts[p.stem.lower()] > 1]
+    if not clashing:
+        return [p.stem for p in images]
+    common = Path(os.path.commonpath([str(p.parent.resolve()) for p in clashing]))
+    renamed = {
+        p: str(p.resolve().relative_to(common)).replace(os.sep, "_").replace(".", "_") for p in clashing
+    }
+    return [renamed.get(p, p.stem) for p in images]
 
 
 def predict_folder(
@@ -62,16 +80,15 @@ def predict_folder(
 ) -> dict:
     """Run `predict(image) -> probs` over images and write outputs under `out`. Returns a summary with the
     skipped files (path: reason)."""
-    from medstudent.evaluation.report import overlay
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rank, world = rank_world()
     n_all = len(images)
+    stems = output_stems(images)[rank::world]
     images = images[rank::world]  # several ranks (torchrun / srun / --devices): every world-th image each
     skipped: list[str] = []
     rows: list[dict] = []
-    for n, path in enumerate(images):
+    for n, (path, stem) in enumerate(zip(images, stems, strict=True)):
         if on_image:
             on_image(n, len(images), path)
         try:
@@ -81,7 +98,6 @@ def predict_folder(
             skipped.append(str(e))
             warnings.warn(f"skipped: {e}", stacklevel=2)
             continue
-        stem = path.stem
         if task == "segmentation":
             if probs.ndim == 2:
                 mask = postprocess(probs, post) if post is not None else (probs > 0.5).astype(np.uint8)

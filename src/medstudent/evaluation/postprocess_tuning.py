@@ -1,34 +1,36 @@
-"""Post-processing of binary foreground probability maps into masks, and a grid search to tune it.
-
-Torch-free on purpose: the same code serves the PyTorch predictor and a plain ONNX runner.
-
-Order (each step off by default, see `PostprocessConfig`):
-threshold or hysteresis -> closing -> fill holes -> fill border-open objects -> remove small objects.
-
-Connectivity: hysteresis components and small-object removal use 4-connectivity, the defaults of the
-scikit-image functions the reference STAS system is described with (`apply_hysteresis_threshold`,
-`remove_small_objects`).
-`fill_border_objects` groups 8-connected pixels into one object, the topological dual of the
-4-connected background that `binary_fill_holes` uses (a diagonal step is a closed wall for both).
-"""
+"""`medstudent tune-postprocess`: validation probability maps of a run -> best post-processing, saved in the
+run folder (postprocess.json), where `predict` picks it up. The tuned setting replaces the run's configured
+one only when the search also wins leave-one-image-out (see `tune_postprocess`'s guard)."""
 
 from __future__ import annotations
 
 import itertools
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
-from skimage.morphology import closing as _grey_closing
-from skimage.morphology import disk
 
 from medstudent.config import PostprocessConfig
+from medstudent.core.postprocess import (
+    as_mask,
+    as_prob,
+    closing,
+    component_stats,
+    fill_border_objects,
+    fill_holes,
+    hysteresis_keep,
+    postprocess,
+)
+from medstudent.data.layouts import open_dataset
+from medstudent.data.splits import fold_ids, load_split
 from medstudent.errors import ConfigError, DataError
-
-_EIGHT = np.ones((3, 3), dtype=bool)
+from medstudent.evaluation.metrics import mean_dice
+from medstudent.inference.predict import load_predictor, predict_seg_probs
 
 # A modest default grid: stage 1 (binarisation x min_area) is exact and cheap whatever its size;
 # stage 2 (morphology, 12 chains) costs ~0.5 s per 864x480 map and candidate; see `tune_postprocess`.
@@ -45,172 +47,7 @@ DEFAULT_GRID: dict[str, list] = {
 }
 
 
-def _as_prob(prob: np.ndarray) -> np.ndarray:
-    """Reject what would silently give nonsense masks (logits, NaN, colour images)."""
-    prob = np.asarray(prob)
-    if prob.ndim != 2:
-        raise DataError(None, f"probability map must be 2-D (HxW), got shape {prob.shape}")
-    if prob.size and not np.isfinite(prob).all():
-        raise DataError(None, "probability map contains NaN or inf")
-    if prob.size and (prob.min() < -1e-6 or prob.max() > 1 + 1e-6):
-        raise DataError(None, f"probability map outside [0, 1] ({prob.min():.3g}..{prob.max():.3g}); logits?")
-    return prob
-
-
-def _as_mask(mask: np.ndarray) -> np.ndarray:
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise DataError(None, f"mask must be 2-D (HxW), got shape {mask.shape}")
-    return mask > 0
-
-
-def _component_stats(prob: np.ndarray, low: float) -> tuple[np.ndarray, np.ndarray]:
-    """4-connected components of {prob > low} and each one's max probability (index 0 = background)."""
-    labels, n = ndi.label(prob > low)
-    cmax = np.zeros(n + 1, dtype=np.float64)
-    fg = labels > 0
-    # np.maximum.at is ~10x faster than ndi.maximum(prob, labels, index) for many labels.
-    np.maximum.at(cmax, labels[fg], prob[fg])
-    return labels, cmax
-
-
-def _hysteresis_keep(cmax: np.ndarray, drop: float, high: float) -> np.ndarray:
-    keep = (cmax > high) & (cmax >= drop)
-    keep[0] = False
-    return keep
-
-
-def hysteresis(prob: np.ndarray, drop: float, high: float, low: float) -> np.ndarray:
-    """Hysteresis threshold with a drop rule, as the 0.911 STAS system defined it (bool mask).
-
-    Exact semantics: take the 4-connected components of ``{prob > low}``; keep a component iff
-    its maximum probability is ``> high`` (it contains a seed pixel) **and** ``>= drop`` (objects that
-    never get confident are dropped whole). ``low`` is clipped to ``high`` as scikit-image does.
-    The first rule is `skimage.filters.apply_hysteresis_threshold(prob, low, high)` (tested equal); it
-    is done here in one labelling pass because the drop rule needs the same components' maxima, and
-    `tune_postprocess` reuses them for every (high, drop) pair. ``drop <= high`` makes the rule a no-op.
-    """
-    prob = _as_prob(prob)
-    labels, cmax = _component_stats(prob, min(low, high))
-    return _hysteresis_keep(cmax, drop, high)[labels]
-
-
-def remove_small(mask: np.ndarray, min_area: int) -> np.ndarray:
-    """Remove 4-connected objects with fewer than `min_area` pixels (bool mask).
-
-    label + bincount instead of `remove_small_objects`, whose size argument changed meaning across
-    scikit-image versions (min_size "<" vs max_size "<="); here an object of exactly `min_area` stays.
-    """
-    mask = _as_mask(mask)
-    if min_area <= 0:
-        return mask
-    labels, _ = ndi.label(mask)
-    keep = np.bincount(labels.ravel()) >= min_area
-    keep[0] = False
-    return keep[labels]
-
-
-def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Fill background enclosed by foreground (4-connected background), bool mask."""
-    return ndi.binary_fill_holes(_as_mask(mask))
-
-
-def closing(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Morphological closing with a disk of `radius` px: bridges gaps narrower than ~2*radius.
-
-    The disk is decomposed into crosses (~5x faster; identical to `disk(radius)` for radius <= 12) and
-    the image border is ignored (outside pixels neither erode nor dilate), so objects that touch the
-    border are not eaten away.
-    """
-    mask = _as_mask(mask)
-    if radius <= 0 or not mask.any():
-        return mask
-    return _grey_closing(mask, disk(radius, decomposition="crosses"), mode="ignore")
-
-
-def _border_spans(mask: np.ndarray) -> np.ndarray | None:
-    """Padded copy of `mask` whose 1-px frame is set along each object's contact span on each side.
-
-    For every 8-connected object and every image side it touches, the frame is set from its first to its
-    last contact on that side. Returns None when no span bridges a gap (nothing to fill).
-    """
-    h, w = mask.shape
-    labels, n = ndi.label(mask, structure=_EIGHT)
-    if n == 0:
-        return None
-    padded = np.zeros((h + 2, w + 2), dtype=bool)
-    padded[1:-1, 1:-1] = mask
-    sides = (
-        (labels[0, :], padded[0, 1:-1]),
-        (labels[-1, :], padded[-1, 1:-1]),
-        (labels[:, 0], padded[1:-1, 0]),
-        (labels[:, -1], padded[1:-1, -1]),
-    )
-    bridged = False
-    for line, frame in sides:  # frame is a view into padded
-        pos = np.flatnonzero(line)
-        if pos.size == 0:
-            continue
-        for lab in np.unique(line[pos]):
-            at = pos[line[pos] == lab]
-            lo, hi = at[0], at[-1]
-            frame[lo : hi + 1] = True
-            bridged |= bool((line[lo : hi + 1] != lab).any())
-    return padded if bridged else None
-
-
-def fill_border_objects(mask: np.ndarray) -> np.ndarray:
-    """Fill concavities that an object leaves open at the image border (bool mask).
-
-    `binary_fill_holes` cannot fill a hole that touches the image border (e.g. a ring cut by the image
-    edge). Rule: for each 8-connected object and each image side it touches, the border segment from its
-    first to its last contact on that side is treated as closed (a 1-px frame of 1s outside the image);
-    background that this closes off *and that touches the image border* is filled. So:
-
-    - a C-shaped object opening onto one side is filled; ordinary interior holes are left to `fill_holes`;
-    - background between two *different* objects is never closed (each object closes only its own span);
-    - an object that cuts off a corner or spans the image side to side closes nothing: which side is
-      "inside" is ambiguous there (contacts on different sides are not joined round a corner).
-    """
-    mask = _as_mask(mask)
-    padded = _border_spans(mask)
-    if padded is None:
-        return mask
-    added = ndi.binary_fill_holes(padded)[1:-1, 1:-1] & ~mask
-    labels, n = ndi.label(added)  # 4-connected: the background connectivity of binary_fill_holes
-    if n == 0:
-        return mask
-    on_border = np.zeros(n + 1, dtype=bool)
-    for line in (labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1]):
-        on_border[line] = True
-    on_border[0] = False
-    return mask | on_border[labels]
-
-
-def for_ensemble(cfg: PostprocessConfig, ensemble: str) -> PostprocessConfig:
-    """The post-processing for an ensemble mode: a vote map (fraction of members) is cut at 0.5 without
-    hysteresis, i.e. a strict majority; mean probabilities keep the tuned setting."""
-    if ensemble == "vote":
-        return cfg.model_copy(update={"threshold": 0.5, "hysteresis": False})
-    return cfg
-
-
-def postprocess(prob: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
-    """Probability map (HxW float in [0, 1]) -> uint8 0/1 mask, steps in the module's order."""
-    prob = _as_prob(prob)
-    mask = hysteresis(prob, cfg.drop, cfg.high, cfg.low) if cfg.hysteresis else prob > cfg.threshold
-    if cfg.closing > 0:
-        mask = closing(mask, cfg.closing)
-    if cfg.fill_holes:
-        mask = fill_holes(mask)
-    if cfg.fill_border:
-        mask = fill_border_objects(mask)
-    if cfg.min_area > 0:
-        mask = remove_small(mask, cfg.min_area)
-    return mask.astype(np.uint8)
-
-
-# ----------------------------------------------------------------------------------------------- tuning
+# ------------------------------------------------------------------------------------------ the search
 
 
 def _counts(labels: np.ndarray, n: int, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -257,7 +94,7 @@ def _level(b: dict[str, Any]) -> float:
 
 def _keep(b: dict[str, Any], cmax: np.ndarray) -> np.ndarray:
     if b["hysteresis"]:
-        return _hysteresis_keep(cmax, b["drop"], b["high"])
+        return hysteresis_keep(cmax, b["drop"], b["high"])
     keep = np.ones(cmax.size, dtype=bool)  # every component of {prob > threshold}
     keep[0] = False
     return keep
@@ -307,7 +144,7 @@ def tune_postprocess(
         raise DataError(None, "tune_postprocess: no validation maps")
     pairs = []
     for i, (p, m) in enumerate(zip(probs, gts, strict=True)):
-        p, m = _as_prob(p), _as_mask(m)
+        p, m = as_prob(p), as_mask(m)
         if p.shape != m.shape:
             raise DataError(None, f"tune_postprocess: map {i} has shape {p.shape} but its mask {m.shape}")
         pairs.append((p, m, int(m.sum())))
@@ -322,7 +159,7 @@ def tune_postprocess(
     levels = sorted({_level(b) for b in bins})
     for j, (p, m, gpx) in enumerate(pairs):
         for lv in levels:
-            labels, cmax = _component_stats(p, lv)
+            labels, cmax = component_stats(p, lv)
             area, tp = _counts(labels, cmax.size - 1, m)
             for i, b in enumerate(bins):
                 if _level(b) == lv:
@@ -345,7 +182,7 @@ def tune_postprocess(
             b = bins[i]
             dice2 = np.empty((len(morphs), len(min_areas), len(pairs)))
             for j, (p, m, gpx) in enumerate(pairs):
-                labels, cmax = _component_stats(p, _level(b))
+                labels, cmax = component_stats(p, _level(b))
                 mask0 = _keep(b, cmax)[labels]
                 # Build each chain prefix once: closing -> fill holes -> fill border, as `postprocess`.
                 for r in g["closing"]:
@@ -450,4 +287,65 @@ def _typed(g: dict[str, list]) -> dict[str, list]:
     return {
         k: list(dict.fromkeys(int(x) if k in ints else bool(x) if k in bools else float(x) for x in v))
         for k, v in g.items()
+    }
+
+
+# ------------------------------------------------------------------------------------- a run's folder
+def validation_maps(run: Path, tta: str | None = None, progress: Callable[[str], None] | None = None):
+    """(probability maps, ground truths, ids) of the run's validation fold, at the original image size."""
+    pred = load_predictor(run, device="auto")
+    if pred.task != "segmentation":
+        raise DataError(run, "post-processing is tuned for segmentation runs only")
+    cfg = pred.cfg
+    ds = open_dataset(cfg.data.root, label_map=cfg.data.label_map, empty_if_missing=cfg.data.empty_if_missing)
+    split = load_split(Path(run) / "split.json", ds)
+    _, val_ids, _ = fold_ids(split, cfg.data.fold)
+    if not val_ids:
+        raise DataError(
+            run, "has no validation images (trained with fold all): tune post-processing on a fold run"
+        )
+    index = {i: n for n, i in enumerate(ds.ids())}
+    probs, gts = [], []
+    for n, vid in enumerate(val_ids):
+        img, gt = ds.load(index[vid])
+        probs.append(predict_seg_probs(pred, img, tta or cfg.predict.tta).astype(np.float32))
+        gts.append(gt > 0)
+        if progress and (n + 1) % 10 == 0:
+            progress(f"validation maps {n + 1}/{len(val_ids)}")
+    return probs, gts, val_ids, pred
+
+
+def _save_val_predictions(folder: Path, probs: list[np.ndarray], ids: list[str]) -> None:
+    """Validation probability maps (uint8 PNG, 0-255) in the run tree, as nnU-Net keeps its predictions."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for p, i in zip(probs, ids, strict=True):
+        p8 = np.round(np.clip(p, 0, 1) * 255).astype(np.uint8)
+        Image.fromarray(p8).save(folder / f"{Path(i).name}.png")
+
+
+def tune_run(
+    run: str | Path,
+    tta: str | None = None,
+    grid: dict | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    run = Path(run)
+    probs, gts, ids, pred = validation_maps(run, tta, progress)
+    _save_val_predictions(run / "predictions" / "val", probs, ids)
+    best, table = tune_postprocess(probs, gts, grid=grid, base=pred.cfg.postprocess)
+    plain = mean_dice([p > 0.5 for p in probs], gts)
+    path = run / "postprocess.json"
+    path.write_text(json.dumps(best.model_dump(mode="json"), indent=1))
+    table.to_csv(run / "postprocess_grid.csv", index=False)
+    return {
+        "images": len(ids),
+        "dice_plain": float(plain),
+        "dice_configured": table.attrs["configured"],  # the run's own post-processing (config.yaml)
+        "dice_tuned": table.attrs["tuned"],  # the grid's best on all validation images (optimistic)
+        "dice_held_out": table.attrs["held_out"],  # the search scored leave-one-image-out
+        "adopted": table.attrs["adopted"],  # tuned setting written; else the configured one is kept
+        "best": best.model_dump(mode="json"),
+        "path": str(path),
     }
