@@ -8,20 +8,56 @@ can be opened and corrected in labelme.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import cv2
 import numpy as np
 from PIL import Image, ImageDraw
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
+from medstudent.data.io import MAX_IMAGE_PIXELS, read_regular_bytes
 from medstudent.errors import DataError
 
 SUPPORTED_SHAPES = ("polygon", "rectangle", "circle")
+# Bounds on what one file may ask of the rasteriser. A hand-drawn (or mask_to_labelme) outline has hundreds
+# to a few thousand vertices; PIL's polygon fill costs O(vertices x rows), so 200,000 vertices take seconds.
+MAX_POINTS_PER_SHAPE = 20_000
+MAX_POINTS_PER_FILE = 200_000
+# No image is a billion pixels wide; the bound keeps squared distances exact enough in float64.
+MAX_COORD = 1e9
+# Circles up to this radius (and near the image) go through PIL, pixel-identical to labelme; PIL's cost
+# explodes past ~1e5 px (1e6 px: ~50 s), so larger ones are filled by _fill_circle in O(image).
+PIL_MAX_RADIUS = 100_000
+MAX_JSON_BYTES = 256 << 20  # imageData of a large JPEG is tens of MB; a quarter GB is no annotation
+
+Coord = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_COORD, le=MAX_COORD)]
+
+
+class _Shape(BaseModel):
+    """One labelme shape as labelme writes it; strict, so "12", true or [x, y, z] are errors, not guesses."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    label: StrictStr = ""
+    points: list[tuple[Coord, Coord]] = []
+    shape_type: StrictStr | None = None
+
+
+class _LabelmeDoc(BaseModel):
+    """The labelme file schema (the fields we read); other keys (version, flags, ...) pass through."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    shapes: list[_Shape]
+    imagePath: StrictStr | None = None  # noqa: N815 - labelme's own key
+    imageData: StrictStr | None = None  # noqa: N815
+    imageHeight: Annotated[StrictInt, Field(gt=0)] | None = None  # noqa: N815
+    imageWidth: Annotated[StrictInt, Field(gt=0)] | None = None  # noqa: N815
 
 
 class LabelmeWarning(UserWarning):
@@ -47,50 +83,75 @@ class LabelmeFile:
     skipped: list[str] = field(default_factory=list)
 
 
+def _where(loc: tuple) -> str:
+    """pydantic's error location as the user reads the file: shape 3 points[1][0], imageWidth."""
+    if len(loc) >= 2 and loc[0] == "shapes" and isinstance(loc[1], int):
+        rest = "".join(f"[{x}]" if isinstance(x, int) else f" {x}" for x in loc[2:])
+        return f"shape {loc[1]}{rest}"
+    return "".join(f"[{x}]" if isinstance(x, int) else (f".{x}" if i else str(x)) for i, x in enumerate(loc))
+
+
+def _parse(path: Path) -> _LabelmeDoc:
+    """Validate the file against the labelme schema in one pass (pydantic's JSON parser: no RecursionError on
+    deep nesting, no OverflowError on 1e400, NaN and Infinity refused)."""
+    raw = read_regular_bytes(path, max_bytes=MAX_JSON_BYTES, what="annotation")
+    try:
+        return _LabelmeDoc.model_validate_json(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        if err["type"] == "json_invalid":
+            raise DataError(path, f"not valid JSON ({err['msg']})") from None
+        if not err["loc"] and err["type"] in ("model_type", "missing"):
+            raise DataError(path, "not a labelme file (no 'shapes' list)") from None
+        if err["loc"] == ("shapes",):
+            raise DataError(path, f"not a labelme file ('shapes' is not a list: {err['msg']})") from None
+        n = len(e.errors())
+        more = f" ({n} error(s) in all)" if n > 1 else ""
+        raise DataError(path, f"{_where(err['loc'])}: {err['msg']}{more}") from None
+
+
 def read_labelme(path: str | Path) -> LabelmeFile:
     """Parse a labelme JSON file; raises DataError naming the file (and shape) on malformed content."""
     path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except FileNotFoundError as e:
-        raise DataError(path, "file not found") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(path, f"not valid JSON ({e})") from e
-    if not isinstance(doc, dict) or not isinstance(doc.get("shapes"), list):
-        raise DataError(path, "not a labelme file (no 'shapes' list)")
+    doc = _parse(path)
     shapes: list[LabelmeShape] = []
     skipped: list[str] = []
-    for i, s in enumerate(doc["shapes"]):
-        stype = s.get("shape_type") or "polygon"  # labelme < 3 wrote no shape_type
-        label = str(s.get("label", ""))
+    total = 0
+    for i, s in enumerate(doc.shapes):
+        stype = s.shape_type or "polygon"  # labelme < 3 wrote no shape_type
+        label = s.label
         if stype not in SUPPORTED_SHAPES:
             msg = f"{path}: shape {i} ('{label}') has shape_type '{stype}', skipped"
             warnings.warn(msg, LabelmeWarning, stacklevel=2)
             skipped.append(msg)
             continue
-        try:
-            pts = np.asarray(s.get("points", []), dtype=np.float64).reshape(-1, 2)
-        except (ValueError, TypeError) as e:
-            raise DataError(path, f"shape {i} ('{label}') has malformed points ({e})") from e
-        if not np.isfinite(pts).all():
-            raise DataError(path, f"shape {i} ('{label}') has non-finite coordinates")
+        n = len(s.points)
+        total += n
+        if n > MAX_POINTS_PER_SHAPE or total > MAX_POINTS_PER_FILE:
+            raise DataError(
+                path,
+                f"shape {i} ('{label}') has {n} points ({total} so far in the file); at most "
+                f"{MAX_POINTS_PER_SHAPE} per shape and {MAX_POINTS_PER_FILE} per file are read "
+                "(simplify the outline, e.g. mask_to_labelme(..., tolerance=1))",
+            )
+        pts = np.array(s.points, dtype=np.float64).reshape(n, 2)
         need = 3 if stype == "polygon" else 2
-        if len(pts) < need:
-            raise DataError(path, f"shape {i} ('{label}') is a {stype} with {len(pts)} points, needs {need}")
+        if n < need:
+            raise DataError(path, f"shape {i} ('{label}') is a {stype} with {n} points, needs {need}")
+        if stype != "polygon" and n != 2:
+            raise DataError(path, f"shape {i} ('{label}') is a {stype} with {n} points, needs exactly 2")
         shapes.append(LabelmeShape(label, pts, stype, i))
     image_data = None
-    if doc.get("imageData"):
+    if doc.imageData:
         try:
-            image_data = base64.b64decode(doc["imageData"])
-        except (ValueError, TypeError) as e:
-            raise DataError(path, f"imageData is not valid base64 ({e})") from e
-    h, w = doc.get("imageHeight"), doc.get("imageWidth")
+            image_data = base64.b64decode(doc.imageData, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise DataError(path, f"imageData is not valid base64 ({e})") from None
     return LabelmeFile(
         path=path,
-        image_path=doc.get("imagePath"),
-        width=int(w) if w is not None else None,
-        height=int(h) if h is not None else None,
+        image_path=doc.imagePath,
+        width=doc.imageWidth,
+        height=doc.imageHeight,
         shapes=shapes,
         image_data=image_data,
         skipped=skipped,
@@ -108,6 +169,22 @@ def out_of_bounds(shape: LabelmeShape, width: int, height: int, tol: float = 0.5
     )
 
 
+def _fill_circle(canvas: np.ndarray, cx: float, cy: float, r: float, cls: int) -> None:
+    """Pixels whose centre lies within r of (cx, cy), clipped to the image: one span per row, so the cost is
+    O(image) whatever the radius (a 3e7 px radius took PIL 35 s). (r-d)(r+d) keeps the span exact for huge r.
+    """
+    h, w = canvas.shape
+    dy = np.abs(np.arange(h, dtype=np.float64) - cy)
+    inside = dy <= r
+    half = np.sqrt(np.clip((r - dy) * (r + dy), 0, None))
+    x0 = np.ceil(np.clip(cx - half, -1, w)).astype(np.int64)
+    x1 = np.floor(np.clip(cx + half, -1, w)).astype(np.int64)
+    for y in np.flatnonzero(inside & (x1 >= x0)):
+        a, b = max(int(x0[y]), 0), min(int(x1[y]), w - 1)
+        if a <= b:
+            canvas[y, a : b + 1] = cls
+
+
 def labelme_to_mask(
     source: str | Path | LabelmeFile,
     image_size: tuple[int, int] | None = None,
@@ -115,7 +192,8 @@ def labelme_to_mask(
 ) -> np.ndarray:
     """Rasterise a labelme file into a uint8 class-id mask of shape (H, W).
 
-    image_size: (width, height) of the real image; checked against imageWidth/imageHeight in the JSON.
+    image_size: (width, height) of the real image (EXIF-oriented, as labelme stores it); checked against
+    imageWidth/imageHeight in the JSON.
     label_map: label name -> class id. Default: every label is foreground (1). A label missing from a given
     map is an error, since a silently dropped label is a silently wrong mask.
     Later shapes paint over earlier ones, as in labelme.
@@ -132,6 +210,8 @@ def labelme_to_mask(
         if lm.width is None or lm.height is None:
             raise DataError(path, "no imageWidth/imageHeight and no image to take the size from")
         w, h = lm.width, lm.height
+    if w * h > MAX_IMAGE_PIXELS:
+        raise DataError(path, f"imageWidth x imageHeight {w}x{h} exceeds the {MAX_IMAGE_PIXELS} pixel limit")
     canvas = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(canvas)
     for s in lm.shapes:
@@ -144,25 +224,35 @@ def labelme_to_mask(
                 path,
                 f"shape {s.index} has label '{s.label}' which is not in the label map {sorted(label_map)}",
             )
+        if not 0 <= cls <= 255:
+            raise DataError(path, f"label '{s.label}' maps to class {cls}; class ids are 0..255")
         if out_of_bounds(s, w, h):
             warnings.warn(
                 f"{path}: shape {s.index} ('{s.label}') has points outside the {w}x{h} image, clipped",
                 LabelmeWarning,
                 stacklevel=2,
             )
+        if s.shape_type == "circle":  # centre and a point on the circumference, clipped by _fill_circle
+            (cx, cy), (px, py) = s.points[0], s.points[1]
+            r = math.hypot(px - cx, py - cy)
+            near = -r - w <= cx <= 2 * w + r and -r - h <= cy <= 2 * h + r
+            if r <= min(2 * max(w, h), PIL_MAX_RADIUS) and near:
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=cls, fill=cls)  # labelme's own
+            else:  # PIL's cost explodes with r (1e6 px: ~50 s), so big circles are filled row-span-wise
+                arr = np.asarray(canvas, dtype=np.uint8).copy()
+                _fill_circle(arr, cx, cy, r, cls)
+                canvas = Image.fromarray(arr, mode="L")
+                draw = ImageDraw.Draw(canvas)
+            continue
         pts = s.points.copy()
         pts[:, 0] = pts[:, 0].clip(0, w - 1)
         pts[:, 1] = pts[:, 1].clip(0, h - 1)
         xy = [tuple(p) for p in pts]
         if s.shape_type == "polygon":
             draw.polygon(xy, outline=cls, fill=cls)
-        elif s.shape_type == "rectangle":  # two opposite corners, in either order
+        else:  # rectangle: two opposite corners, in either order
             (x0, y0), (x1, y1) = xy[0], xy[1]
             draw.rectangle([(min(x0, x1), min(y0, y1)), (max(x0, x1), max(y0, y1))], outline=cls, fill=cls)
-        else:  # circle: centre and a point on the circumference
-            (cx, cy), (px, py) = s.points[0], s.points[1]
-            r = math.hypot(px - cx, py - cy)
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=cls, fill=cls)
     return np.asarray(canvas, dtype=np.uint8)
 
 
