@@ -67,12 +67,12 @@ def list_images(folder: str | Path) -> list[Path]:
     """Entries directly inside `folder` with an image extension (case-insensitive), sorted by name.
 
     Non-regular entries (a FIFO or folder named x.png, a broken link, a symlink loop) are listed too, so the
-    reader refuses them by name instead of the data set silently shrinking.
+    reader refuses them by name instead of the data set silently shrinking or pairing going wrong.
     """
     folder = Path(folder)
     if not _is_dir(folder):
         raise DataError(folder, "not a folder")
-    return sorted(p for p in list_dir(folder) if p.suffix.lower() in IMAGE_EXTS and not _is_dir(p))
+    return [p for p in list_dir(folder) if p.suffix.lower() in IMAGE_EXTS]
 
 
 def list_dir(folder: Path) -> list[Path]:
