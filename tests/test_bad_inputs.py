@@ -230,6 +230,35 @@ def test_unreadable_file_and_folder(tmp_path):
         (cls / "B").chmod(0o755)
 
 
+def test_permission_denied_simulated(tmp_path, monkeypatch):
+    """The same EACCES paths as above, simulated so they are exercised when the suite runs as root."""
+    import builtins
+
+    root = labelme_set(tmp_path / "ds", {"a": labelme_doc([shape(TRI)]), "b": labelme_doc([shape(TRI)])})
+    cls = tmp_path / "cls"
+    for c in ("A", "B"):
+        (cls / c).mkdir(parents=True)
+        (cls / c / "x.png").write_bytes(png_bytes(np.zeros((8, 8, 3), np.uint8)))
+    real_open, real_iterdir = builtins.open, Path.iterdir
+    locked = {root / "Train_Annotations" / "b.json", root / "Train_Images" / "a.png"}
+
+    def fake_open(file, *args, **kwargs):
+        if isinstance(file, str | Path) and Path(file) in locked:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    def fake_iterdir(self):
+        if self == cls / "B":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(Path, "iterdir", fake_iterdir)
+    check_error(root, "b.json", "Permission denied")
+    check_error(root, "a.png", "Permission denied")
+    one_line_error(lambda: check_dataset(cls), "B", "Permission denied")
+
+
 # ---------------------------------------------------------------------------------------------- images
 @pytest.mark.parametrize(
     "name, data, match",
