@@ -36,6 +36,7 @@ from medstudent.data.layouts import open_dataset
 from medstudent.data.splits import load_split
 from medstudent.errors import ConfigError, DataError
 
+pytestmark = pytest.mark.filterwarnings("ignore::medstudent.data.labelme.LabelmeWarning")
 TRI = [[1, 1], [10, 1], [10, 8]]
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX file types")
 as_root = hasattr(os, "geteuid") and os.geteuid() == 0

@@ -64,8 +64,11 @@ OUTCOMES: Counter[tuple[str, str]] = Counter()
 SECONDS: Counter[str] = Counter()
 
 
+pytestmark = pytest.mark.filterwarnings("ignore::medstudent.data.labelme.LabelmeWarning")
+
+
 @pytest.fixture(scope="module", autouse=True)
-def _outcome_table():
+def _outcome_table(request):
     """Print the outcome table (family x error/accepted) and the time spent, for the issue's report."""
     t = time.perf_counter()
     yield
@@ -74,7 +77,9 @@ def _outcome_table():
     for fam in EXAMPLES:
         err, ok = OUTCOMES[(fam, "error")], OUTCOMES[(fam, "accepted")]
         lines.append(f"  {fam:15s} clean error {err:4d}  accepted {ok:4d}  ({SECONDS[fam]:.1f} s)")
-    print("\n" + "\n".join(lines), file=sys.__stdout__)
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():  # shown without -s
+        print("\n" + "\n".join(lines), file=sys.stderr, flush=True)
 
 
 class _Hang(Exception):

@@ -121,11 +121,11 @@ def _check_segmentation(ds: SegmentationDataset, rep: CheckReport, read_info, ba
     rep.counts = {"pairs": len(ds), "unlabeled_images": len(ds.unlabeled)}
     rep.images_without_annotation = [str(p) for p in ds.images_without_annotation]
     rep.annotations_without_image = [str(p) for p in ds.annotations_without_image]
-    rep.errors += [
-        f"{p}: image has no annotation (use --empty-if-missing if that means an empty mask)"
+    rep.errors += [  # via DataError: one line even when a file name holds a newline
+        str(DataError(p, "image has no annotation (use --empty-if-missing if that means an empty mask)"))
         for p in ds.images_without_annotation
     ]
-    rep.errors += [f"{p}: annotation has no image" for p in ds.annotations_without_image]
+    rep.errors += [str(DataError(p, "annotation has no image")) for p in ds.annotations_without_image]
     objects: Counter[str] = Counter()
     for i, it in enumerate(ds.items):
         if it.image is not None:

@@ -70,7 +70,7 @@ def list_images(folder: str | Path) -> list[Path]:
     reader refuses them by name instead of the data set silently shrinking or pairing going wrong.
     """
     folder = Path(folder)
-    if not _is_dir(folder):
+    if not is_folder(folder):
         raise DataError(folder, "not a folder")
     return [p for p in list_dir(folder) if p.suffix.lower() in IMAGE_EXTS]
 
@@ -83,7 +83,8 @@ def list_dir(folder: Path) -> list[Path]:
         raise DataError(folder, f"cannot list folder ({os_reason(e)})") from None
 
 
-def _is_dir(p: Path) -> bool:
+def is_folder(p: Path) -> bool:
+    """Path.is_dir without the PermissionError it raises when a parent folder is unreadable."""
     try:
         return p.is_dir()
     except OSError:  # EACCES on stat: not listed as a folder; reading it will say why

@@ -19,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 
-from medstudent.data.io import IMAGE_EXTS, list_dir, list_images, os_reason, read_image, read_mask
+from medstudent.data.io import IMAGE_EXTS, is_folder, list_dir, list_images, os_reason, read_image, read_mask
 from medstudent.data.labelme import labelme_to_mask, read_labelme
 from medstudent.errors import ConfigError, DataError
 
@@ -34,16 +34,9 @@ SUBSETS = ("train", "val", "test")
 KERMANY_GROUP_REGEX = r"^[A-Za-z]+-(\d+)-\d+$"
 
 
-def _is_dir(p: Path) -> bool:
-    try:
-        return p.is_dir()
-    except OSError:  # EACCES on a parent: not a usable folder
-        return False
-
-
 def _first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
     for n in names:
-        if _is_dir(root / n):
+        if is_folder(root / n):
             return root / n
     return None
 
@@ -51,7 +44,9 @@ def _first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
 def _image_subdirs(folder: Path) -> list[Path]:
     """Sub-folders holding images; an unreadable one is a DataError naming it, not a silently lost class."""
     return sorted(
-        d for d in list_dir(folder) if _is_dir(d) and any(p.suffix.lower() in IMAGE_EXTS for p in list_dir(d))
+        d
+        for d in list_dir(folder)
+        if is_folder(d) and any(p.suffix.lower() in IMAGE_EXTS for p in list_dir(d))
     )
 
 
@@ -75,7 +70,7 @@ def _by_stem(paths: list[Path], root: Path, what: str) -> dict[str, Path]:
 def detect_layout(root: str | Path) -> Layout:
     """Guess the layout of `root`; raises DataError when it matches none."""
     root = Path(root)
-    if not _is_dir(root):
+    if not is_folder(root):
         raise DataError(root, "not a folder")
     img_dir = _first_dir(root, IMAGE_DIRS)
     if img_dir is not None:
@@ -85,7 +80,7 @@ def detect_layout(root: str | Path) -> Layout:
             return "labelme"
     if _json_files(root):
         return "labelme"
-    subsets = [root / s for s in SUBSETS if _is_dir(root / s)]
+    subsets = [root / s for s in SUBSETS if is_folder(root / s)]
     if subsets and any(_image_subdirs(s) for s in subsets):
         return "classification"
     if len(_image_subdirs(root)) >= 2 and not list_images(root):
@@ -328,7 +323,7 @@ def open_classification(
 ) -> ClassificationDataset:
     """OCT2017 / ImageFolder layout; class names are folder names in sorted order, united across subsets."""
     root = Path(root)
-    subsets = [root / s for s in SUBSETS if _is_dir(root / s)]
+    subsets = [root / s for s in SUBSETS if is_folder(root / s)]
     parents: list[tuple[str | None, Path]] = [(s.name, s) for s in subsets] or [(None, root)]
     class_dirs = {d.name for _, parent in parents for d in _image_subdirs(parent)}
     if not class_dirs:
