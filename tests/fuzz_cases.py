@@ -78,7 +78,7 @@ def _encode(arr: np.ndarray, fmt: str, **kw) -> bytes:
 
 
 GOOD_IMAGE = ["png", "jpg", "bmp", "tif", "grey", "rgba", "png16", "palette"]
-BAD_IMAGE = ["garbage", "empty", "bomb_png", "bomb_jpg", "bomb_tif", "neg_bmp"]
+BAD_IMAGE = ["garbage", "empty", "bomb_png", "bomb_jpg", "bomb_tif", "neg_bmp", "grey_jpg"]
 
 
 @st.composite
@@ -122,8 +122,9 @@ def image_file(
         "bomb_jpg": jpeg_header_bomb(),
         "bomb_tif": tiff_header_bomb(),
         "neg_bmp": bmp_header(-30000, 30000),
+        "grey_jpg": jpeg_header_bomb(20000, 20000),  # under the pixel limit, 631 bytes
     }[kind]
-    ext = {"bomb_jpg": ".jpg", "bomb_tif": ".tif", "neg_bmp": ".bmp"}.get(kind, ".png")
+    ext = {"bomb_jpg": ".jpg", "bomb_tif": ".tif", "neg_bmp": ".bmp", "grey_jpg": ".jpg"}.get(kind, ".png")
     return data, ext, True, (w, h)
 
 

@@ -155,6 +155,46 @@ def test_200k_point_polygon_is_a_clear_error(tmp_path):
     assert time.perf_counter() - t < 5.0
 
 
+@pytest.mark.parametrize(
+    "name, shapes, match",
+    [
+        (
+            "scribble",
+            [shape(np.random.default_rng(0).uniform(0, 4000, (20_000, 2)).round(1).tolist())],
+            "self-intersecting polygon",
+        ),
+        ("full_rectangles", [shape([[0, 0], [3999, 3999]], "rectangle")] * 5000, "more than 32 times over"),
+        ("outside_circles", [shape([[3e7, 3e7], [3e7 + 5, 3e7]], "circle")] * 60_000, "row operations"),
+    ],
+)
+def test_rasterising_work_is_bounded(tmp_path, name, shapes, match):
+    """Within the point caps, a hostile file on a large image could still cost minutes of PIL time."""
+    p = write_json(tmp_path, json.dumps(labelme_doc(shapes, w=4000, h=4000)), f"{name}.json")
+    t = time.perf_counter()
+    one_line_error(lambda: labelme_to_mask(p, image_size=(4000, 4000)), f"{name}.json", match)
+    assert time.perf_counter() - t < 5.0
+
+
+def test_many_ordinary_lesions_on_a_large_image_still_rasterise(tmp_path):
+    rng = np.random.default_rng(0)
+    ring = np.linspace(0, 2 * np.pi, 300, endpoint=False)
+    shapes = [
+        shape(np.c_[x + 30 * np.cos(ring), y + 30 * np.sin(ring)].tolist())
+        for x, y in rng.uniform(100, 3900, (60, 2))
+    ]
+    shapes.append(
+        shape(
+            np.c_[
+                2000 + 1999 * np.cos(np.linspace(0, 6.28, 20_000)),
+                2000 + 1999 * np.sin(np.linspace(0, 6.28, 20_000)),
+            ].tolist()
+        )
+    )
+    p = write_json(tmp_path, json.dumps(labelme_doc(shapes, w=4000, h=4000)))
+    m = labelme_to_mask(p, image_size=(4000, 4000))
+    assert m.mean() > 0.7
+
+
 def _finishes(fn, seconds: float = 10.0):
     """Run fn in a thread; fail (instead of hanging the suite) if it does not return within `seconds`."""
     box: dict = {}
@@ -270,6 +310,9 @@ def test_permission_denied_simulated(tmp_path, monkeypatch):
         ("neg.bmp", bmp_header(-30000, 30000), ""),
         ("huge.bmp", bmp_header(30000, 30000), ""),
         ("empty.png", b"", "cannot read image"),
+        # under Pillow's pixel limit, but JPEG "decodes" the missing data as grey: 6 s and 10 GB before
+        ("grey.jpg", jpeg_header_bomb(20000, 20000), "image too large for its file"),
+        ("tall.png", png_header_bomb(1, 400_000_000), "image too large for its file"),
     ],
 )
 def test_header_bombs_and_broken_headers(tmp_path, name, data, match):

@@ -21,6 +21,8 @@ JPEG_EXTS = (".jpg", ".jpeg")
 # images. Above this, an image is refused (Pillow's warning made an error), never decoded.
 MAX_IMAGE_PIXELS = 20_000 * 20_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+MAX_PIXELS_PER_BYTE = 16_384
+MIN_PIXELS_RATIO_CHECK = 4096 * 4096  # smaller images are decoded whatever their size on disk
 
 _KINDS = {
     stat.S_IFDIR: "a folder",
@@ -91,6 +93,20 @@ def is_folder(p: Path) -> bool:
         return False
 
 
+def _refuse_implausible_size(path: Path, width: int, height: int, nbytes: int) -> None:
+    """A header can claim up to MAX_IMAGE_PIXELS in a few hundred bytes; JPEG then 'decodes' the missing data
+    as grey (a 600-byte file became 400 Mpx, 6 s and 10 GB). Real images, even a blank 1-bit mask, hold at
+    least one byte per MAX_PIXELS_PER_BYTE pixels (deflate tops out near 1032:1, x8 for 1-bit), so a large
+    claim from a small file is refused before anything is decoded."""
+    pixels = width * height
+    if pixels > MIN_PIXELS_RATIO_CHECK and pixels > MAX_PIXELS_PER_BYTE * max(nbytes, 1):
+        raise DataError(
+            path,
+            f"image too large for its file: the header claims {width}x{height} pixels in {nbytes} bytes "
+            "(a decompression bomb?)",
+        )
+
+
 def _open(path: Path, data: bytes | None = None) -> Image.Image:
     """Open and fully decode, then apply the EXIF orientation (as labelme, and every viewer, shows the image:
     labelme's imageWidth/imageHeight and points are in that oriented frame).
@@ -99,17 +115,19 @@ def _open(path: Path, data: bytes | None = None) -> Image.Image:
     struct.error, IndexError, ZeroDivisionError, DecompressionBombError... on hostile files, so anything but
     an interrupt becomes a one-line DataError naming the file.
     """
-    if data is None:
-        require_regular(path, "file")
+    nbytes = require_regular(path, "file") if data is None else len(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data) if data is not None else path)
+            _refuse_implausible_size(path, img.width, img.height, nbytes)  # before any pixel is allocated
             img.load()  # decode now so truncated files fail here, naming the file
             ImageOps.exif_transpose(img, in_place=True)  # in place keeps img.format (read_mask needs it)
         return img
     except FileNotFoundError:
         raise DataError(path, "file not found") from None
+    except DataError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DataError(path, f"image too large ({e})") from None
     except MemoryError:

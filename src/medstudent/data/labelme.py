@@ -33,8 +33,14 @@ MAX_POINTS_PER_FILE = 200_000
 # No image is a billion pixels wide; the bound keeps squared distances exact enough in float64.
 MAX_COORD = 1e9
 # Circles up to this radius (and near the image) go through PIL, pixel-identical to labelme; PIL's cost
-# explodes past ~1e5 px (1e6 px: ~50 s), so larger ones are filled by _fill_circle in O(image).
+# explodes past ~1e5 px (1e6 px: ~50 s), so larger ones are filled row by row (_circle_spans), O(image).
 PIL_MAX_RADIUS = 100_000
+# Fill work per file, so a hostile annotation on a large image cannot take minutes: shapes may fill the image
+# MAX_FILL_TIMES over (a full 4000x4000 fill costs PIL ~1 ms), and polygon edge crossings summed over rows
+# may reach MAX_EDGE_CROSSINGS (~1e7 per second in PIL; a simple outline crosses each row twice, a random
+# 20,000-point scribble ~10,000 times).
+MAX_FILL_TIMES = 32
+MAX_EDGE_CROSSINGS = 20_000_000
 MAX_JSON_BYTES = 256 << 20  # imageData of a large JPEG is tens of MB; a quarter GB is no annotation
 
 Coord = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_COORD, le=MAX_COORD)]
@@ -169,20 +175,58 @@ def out_of_bounds(shape: LabelmeShape, width: int, height: int, tol: float = 0.5
     )
 
 
-def _fill_circle(canvas: np.ndarray, cx: float, cy: float, r: float, cls: int) -> None:
-    """Pixels whose centre lies within r of (cx, cy), clipped to the image: one span per row, so the cost is
-    O(image) whatever the radius (a 3e7 px radius took PIL 35 s). (r-d)(r+d) keeps the span exact for huge r.
-    """
-    h, w = canvas.shape
+def _circle_spans(cx: float, cy: float, r: float, w: int, h: int) -> list[tuple[int, int, int]]:
+    """(row, first x, last x) of the pixels whose centre lies within r of (cx, cy), clipped to a w x h image:
+    O(h) whatever the radius (a 3e7 px radius took PIL's ellipse 35 s). (r-d)(r+d) keeps the span exact for
+    huge r, where r*r - d*d would cancel catastrophically."""
     dy = np.abs(np.arange(h, dtype=np.float64) - cy)
-    inside = dy <= r
     half = np.sqrt(np.clip((r - dy) * (r + dy), 0, None))
-    x0 = np.ceil(np.clip(cx - half, -1, w)).astype(np.int64)
-    x1 = np.floor(np.clip(cx + half, -1, w)).astype(np.int64)
-    for y in np.flatnonzero(inside & (x1 >= x0)):
-        a, b = max(int(x0[y]), 0), min(int(x1[y]), w - 1)
-        if a <= b:
-            canvas[y, a : b + 1] = cls
+    x0 = np.maximum(np.ceil(np.clip(cx - half, -1, w)), 0).astype(np.int64)
+    x1 = np.minimum(np.floor(np.clip(cx + half, -1, w)), w - 1).astype(np.int64)
+    rows = np.flatnonzero((dy <= r) & (x0 <= x1))
+    return [(int(y), int(x0[y]), int(x1[y])) for y in rows]
+
+
+class _FillBudget:
+    """What rasterising one file may cost; exceeding it is a DataError naming the shape."""
+
+    def __init__(self, path: Path, w: int, h: int):
+        self.path, self.w, self.h = path, w, h
+        self.area = MAX_FILL_TIMES * w * h + 1_000_000
+        self.crossings = float(MAX_EDGE_CROSSINGS)
+
+    def fill(self, s: LabelmeShape, area: float) -> None:
+        self.area -= area
+        if self.area < 0:
+            raise DataError(
+                self.path,
+                f"shape {s.index} ('{s.label}'): the shapes fill the {self.w}x{self.h} image more than "
+                f"{MAX_FILL_TIMES} times over; refused rather than rasterised for minutes",
+            )
+
+    def rows(self, s: LabelmeShape, n: float, per_row: float = 1.0) -> None:
+        self.crossings -= per_row * n
+        if self.crossings < 0:
+            what = (
+                f"is a self-intersecting polygon (~{per_row:.0f} edge crossings per row over {n:.0f} rows)"
+                if per_row > 2
+                else f"takes the file past {MAX_EDGE_CROSSINGS} row operations (too many shapes)"
+            )
+            raise DataError(
+                self.path, f"shape {s.index} ('{s.label}') {what}; refused rather than rasterised for minutes"
+            )
+
+    def polygon(self, s: LabelmeShape, pts: np.ndarray) -> None:
+        """Charge a (clipped) polygon: its area, and its edge crossings estimated on up to 16 sample rows."""
+        x, y = pts[:, 0], pts[:, 1]
+        self.fill(s, 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))))
+        lo, hi = float(y.min()), float(y.max())
+        rows = math.floor(hi) - math.ceil(lo) + 1
+        if rows <= 0 or len(pts) <= 8:
+            return
+        ys = np.linspace(lo, hi, num=min(16, rows))[:, None]
+        y0, y1 = y[None, :], np.roll(y, -1)[None, :]
+        self.rows(s, rows, per_row=float(((y0 <= ys) != (y1 <= ys)).sum(axis=1).mean()))
 
 
 def labelme_to_mask(
@@ -214,6 +258,7 @@ def labelme_to_mask(
         raise DataError(path, f"imageWidth x imageHeight {w}x{h} exceeds the {MAX_IMAGE_PIXELS} pixel limit")
     canvas = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(canvas)
+    budget = _FillBudget(path, w, h)
     for s in lm.shapes:
         if label_map is None:
             cls = 1
@@ -232,26 +277,30 @@ def labelme_to_mask(
                 LabelmeWarning,
                 stacklevel=2,
             )
-        if s.shape_type == "circle":  # centre and a point on the circumference, clipped by _fill_circle
+        if s.shape_type == "circle":  # centre and a point on the circumference
             (cx, cy), (px, py) = s.points[0], s.points[1]
             r = math.hypot(px - cx, py - cy)
             near = -r - w <= cx <= 2 * w + r and -r - h <= cy <= 2 * h + r
             if r <= min(2 * max(w, h), PIL_MAX_RADIUS) and near:
+                budget.fill(s, min(4 * r * r, w * h))
                 draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=cls, fill=cls)  # labelme's own
             else:  # PIL's cost explodes with r (1e6 px: ~50 s), so big circles are filled row-span-wise
-                arr = np.asarray(canvas, dtype=np.uint8).copy()
-                _fill_circle(arr, cx, cy, r, cls)
-                canvas = Image.fromarray(arr, mode="L")
-                draw = ImageDraw.Draw(canvas)
+                budget.rows(s, h)
+                spans = _circle_spans(cx, cy, r, w, h)
+                budget.fill(s, sum(b - a + 1 for _, a, b in spans))
+                for y, a, b in spans:
+                    draw.line([(a, y), (b, y)], fill=cls)
             continue
         pts = s.points.copy()
         pts[:, 0] = pts[:, 0].clip(0, w - 1)
         pts[:, 1] = pts[:, 1].clip(0, h - 1)
         xy = [tuple(p) for p in pts]
         if s.shape_type == "polygon":
+            budget.polygon(s, pts)
             draw.polygon(xy, outline=cls, fill=cls)
         else:  # rectangle: two opposite corners, in either order
             (x0, y0), (x1, y1) = xy[0], xy[1]
+            budget.fill(s, (abs(x1 - x0) + 1) * (abs(y1 - y0) + 1))
             draw.rectangle([(min(x0, x1), min(y0, y1)), (max(x0, x1), max(y0, y1))], outline=cls, fill=cls)
     return np.asarray(canvas, dtype=np.uint8)
 
