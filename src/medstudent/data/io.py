@@ -185,7 +185,7 @@ def read_mask(path: str | Path) -> np.ndarray:
         raise
     except Exception as e:  # noqa: BLE001 - as in read_image
         raise DataError(path, f"cannot convert mask of mode {img.mode} ({type(e).__name__}: {e})") from None
-    if img.format == "JPEG":
+    if img.format in ("JPEG", "MPO"):  # MPO: a JPEG with a second picture, as cameras write
         return (arr >= 128).astype(np.uint8)
     values = np.unique(arr)
     if values.max(initial=0) == 255 and set(values.tolist()) <= {0, 255}:
