@@ -39,10 +39,12 @@ class Plan:
                 continue
             if content == DIR:
                 p.mkdir(exist_ok=True)
-            elif content == FIFO:
+            elif content == FIFO and hasattr(os, "mkfifo"):
                 os.mkfifo(p)
-            elif content == LOOP:
+            elif content == LOOP and os.name == "posix":
                 p.symlink_to(p.name)
+            elif content in (FIFO, LOOP):  # Windows: no FIFOs, symlinks need privileges; still non-regular
+                p.mkdir()
             else:
                 p.write_bytes(content)  # type: ignore[arg-type]
         return self.bad
