@@ -95,6 +95,11 @@ def test_image_width_must_be_a_positive_int(tmp_path, value):
     one_line_error(lambda: read_labelme(p), "a.json", "imageWidth")
 
 
+def test_whole_float_image_size_is_accepted(tmp_path):
+    p = write_json(tmp_path, '{"shapes": [], "imageWidth": 16.0, "imageHeight": 12}')
+    assert read_labelme(p).width == 16
+
+
 def test_deep_nesting_is_invalid_json_not_recursion_error(tmp_path):
     p = write_json(tmp_path, '{"shapes": ' + "[" * 100_000 + "]" * 100_000 + "}")
     one_line_error(lambda: read_labelme(p), "a.json", "not valid JSON")

@@ -20,7 +20,7 @@ from typing import Annotated
 import cv2
 import numpy as np
 from PIL import Image, ImageDraw
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from medstudent.data.io import MAX_IMAGE_PIXELS, read_regular_bytes
 from medstudent.errors import DataError
@@ -46,6 +46,14 @@ MAX_JSON_BYTES = 256 << 20  # imageData of a large JPEG is tens of MB; a quarter
 Coord = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_COORD, le=MAX_COORD)]
 
 
+def _whole(v: object) -> object:
+    """64.0 (as some converters write it) is the size 64; 64.5, true, "64" and NaN stay errors."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+Size = Annotated[StrictInt, BeforeValidator(_whole), Field(gt=0)]
+
+
 class _Shape(BaseModel):
     """One labelme shape as labelme writes it; strict, so "12", true or [x, y, z] are errors, not guesses."""
 
@@ -62,8 +70,8 @@ class _LabelmeDoc(BaseModel):
     shapes: list[_Shape]
     imagePath: StrictStr | None = None  # noqa: N815 - labelme's own key
     imageData: StrictStr | None = None  # noqa: N815
-    imageHeight: Annotated[StrictInt, Field(gt=0)] | None = None  # noqa: N815
-    imageWidth: Annotated[StrictInt, Field(gt=0)] | None = None  # noqa: N815
+    imageHeight: Size | None = None  # noqa: N815
+    imageWidth: Size | None = None  # noqa: N815
 
 
 class LabelmeWarning(UserWarning):
