@@ -10,7 +10,11 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
+
+from medstudent.data.check import check_dataset
+from medstudent.errors import DataError
 
 
 def png_bytes(arr: np.ndarray, **save) -> bytes:
@@ -108,3 +112,27 @@ def mask_set(root: Path, masks: dict[str, bytes], w: int = 16, h: int = 12) -> P
         (root / "images" / f"{stem}.png").write_bytes(png_bytes(np.full((h, w, 3), 90, np.uint8)))
         (root / "masks" / name).write_bytes(content)
     return root
+
+
+def one_line_error(fn, name: str, match: str = "") -> DataError:
+    """fn() raises a DataError whose one-line message names `name` (and contains `match`)."""
+    with pytest.raises(DataError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg and name in msg and match in msg, msg
+    return e.value
+
+
+def check_error(root: Path, name: str, match: str = "") -> None:
+    """`data check` (the API under the CLI) reports an error line naming `name`; it does not pass as OK."""
+    rep = check_dataset(root)
+    assert not rep.ok
+    hits = [e for e in rep.errors if name in e and match in e]
+    assert hits, rep.errors
+    assert all("\n" not in e for e in rep.errors)
+
+
+def write_json(tmp_path: Path, text: str, name: str = "a.json") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p

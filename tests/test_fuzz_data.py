@@ -26,14 +26,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 
 from bad_data import png_bytes
-from fuzz_cases import (
-    classification_case,
-    config_case,
-    labelme_case,
-    mask_case,
-    split_case,
-    unlabeled_case,
-)
+from fuzz_cases import labelme_case
+from fuzz_cases_more import classification_case, config_case, mask_case, split_case, unlabeled_case
 from medstudent.config import RunConfig, load_config
 from medstudent.data.check import check_dataset
 from medstudent.data.layouts import ClassificationDataset, SegmentationDataset, open_dataset
