@@ -167,7 +167,9 @@ def test_mask_folder_formats(tmp_path):
     Image.fromarray(base * 2).convert("P").save(root / "masks" / "c.png")
     Image.fromarray(base * 255).save(root / "masks" / "d.jpg", quality=70)  # lossy JPEG mask
     assert detect_layout(root) == "masks"
-    ds = open_segmentation(root)
+    with pytest.raises(DataError, match=r"c\.png: mask value 2 is no class: 2 classes"):
+        open_segmentation(root).load(2)  # palette index 2 in a 2-class set: a wrong mask, not a class
+    ds = open_segmentation(root, label_map={"lesion": 1, "other": 2})
     assert len(ds) == 4
     _, ma = ds.load(0)
     _, mb = ds.load(1)

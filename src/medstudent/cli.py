@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from medstudent.config import load_config, valid_tta_scales
@@ -34,6 +35,13 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def plain(text: object) -> str:
+    """User-supplied text (file names, labels) as rich shows it literally: markup escaped, so '[/]' cannot
+    raise MarkupError and '[b]' does not vanish; lone surrogates (undecodable file names) as backslash escapes
+    so a UTF-8 terminal can print them."""
+    return escape(str(text).encode("utf-8", "backslashreplace").decode("utf-8"))
+
+
 def one_line_errors(fn):
     """Turn DataError (bad input) into `error: <file>: <reason>` and exit status 1, without a traceback."""
 
@@ -42,7 +50,7 @@ def one_line_errors(fn):
         try:
             return fn(*args, **kwargs)
         except DataError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {plain(e)}", highlight=False, soft_wrap=True, emoji=False)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -78,11 +86,12 @@ def data_check(
     if json_out:
         print(json.dumps(rep.to_dict(), indent=1))
     else:
-        console.print(_kv_table(f"{rep.root} ({rep.layout})", rep.counts))
+        console.print(_kv_table(plain(f"{rep.root} ({rep.layout})"), rep.counts))
         console.print(_kv_table("image sizes (WxH)", rep.sizes))
         console.print(_kv_table("image modes", rep.modes))
+        classes = {plain(k): v for k, v in rep.classes.items()}  # labels are user text
         console.print(
-            _kv_table("classes" if rep.layout == "classification" else "objects per label", rep.classes)
+            _kv_table("classes" if rep.layout == "classification" else "objects per label", classes)
         )
         problems = {
             "empty masks": len(rep.empty_masks),
@@ -103,7 +112,9 @@ def data_check(
             ("errors", rep.errors),
         ):
             for line in lines[:20]:
-                console.print(f"[yellow]{title}:[/] {line}", highlight=False, soft_wrap=True)
+                console.print(
+                    f"[yellow]{title}:[/] {plain(line)}", highlight=False, soft_wrap=True, emoji=False
+                )
             if len(lines) > 20:
                 console.print(f"[yellow]{title}:[/] ... and {len(lines) - 20} more (see --json)")
         console.print("[green]OK[/]" if rep.ok else f"[red]{len(rep.errors)} error(s)[/]")
@@ -125,9 +136,9 @@ def data_stats(
         warnings.simplefilter("ignore")
         summary = write_stats(root, out, skip_bad=skip_bad, empty_if_missing=empty_if_missing)
     skipped = summary.pop("skipped")
-    console.print(_kv_table(f"lesion statistics -> {out}", summary))
+    console.print(_kv_table(plain(f"lesion statistics -> {out}"), summary))
     for s in skipped:
-        console.print(f"[yellow]skipped:[/] {s}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]skipped:[/] {plain(s)}", highlight=False, soft_wrap=True, emoji=False)
 
 
 @data_app.command("split")

@@ -6,6 +6,8 @@ classification alike. Unknown keys are errors (a typo must not silently fall bac
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any, Literal
 
@@ -273,6 +275,34 @@ def resolve_preset(name_or_path: str | Path) -> Path:
     raise ConfigError(p, f"config not found (not a file, not a preset; presets: {', '.join(presets)})")
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a run config is a few KB
+
+
+def _read_yaml(src: Path) -> dict:
+    """A config file as a mapping; every failure (unreadable, not UTF-8, not YAML, too deep, not a mapping) is
+    a one-line ConfigError naming the file."""
+    try:
+        st = os.stat(src)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block open() forever
+            raise ConfigError(src, "is not a regular file")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(src, f"is {st.st_size} bytes; a config is at most {MAX_CONFIG_BYTES}")
+        raw = src.read_bytes()
+    except OSError as e:
+        raise ConfigError(src, f"cannot read config ({e.strerror or type(e).__name__})") from None
+    try:
+        doc = yaml.safe_load(raw.decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(src, f"not UTF-8 text ({e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(src, f"not valid YAML ({e})") from None
+    except RecursionError:
+        raise ConfigError(src, "not valid YAML (nested too deeply)") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(src, f"a config is a mapping of sections, got {type(doc).__name__}")
+    return doc
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None
 ) -> RunConfig:
@@ -281,10 +311,7 @@ def load_config(
     src: Path | None = None
     if path is not None:
         src = resolve_preset(path)
-        try:
-            doc = yaml.safe_load(src.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(src, f"not valid YAML ({e})") from e
+        doc = _read_yaml(src)
     doc = apply_overrides(doc, overrides)
     try:
         return RunConfig.model_validate(doc)

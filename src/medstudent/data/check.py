@@ -8,8 +8,8 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from medstudent.data.io import file_hash, image_info
-from medstudent.data.labelme import LabelmeWarning, labelme_to_mask, out_of_bounds, read_labelme
+from medstudent.data.io import file_hash, image_info, os_reason
+from medstudent.data.labelme import LabelmeWarning, out_of_bounds, read_labelme
 from medstudent.data.layouts import (
     ClassificationDataset,
     SegmentationDataset,
@@ -61,6 +61,15 @@ def check_dataset(
     reported but are not errors.
     """
     root = Path(root)
+    try:
+        return _check(root, skip_bad, empty_if_missing, label_map)
+    except OSError as e:  # the safety net: every OS failure the readers did not name themselves
+        raise DataError(e.filename or root, f"cannot read ({os_reason(e)})") from None
+
+
+def _check(
+    root: Path, skip_bad: bool, empty_if_missing: bool, label_map: dict[str, int] | None
+) -> CheckReport:
     rep = CheckReport(root=str(root), layout=detect_layout(root))
     ds = open_dataset(root, label_map=label_map, empty_if_missing=empty_if_missing)
     hashes: dict[str, list[str]] = defaultdict(list)
@@ -76,9 +85,14 @@ def check_dataset(
         except DataError as e:
             bad(e)
             return None
+        try:
+            digest = file_hash(path)
+        except DataError as e:
+            bad(e)
+            return None
         sizes[f"{w}x{h}"] += 1
         modes[mode] += 1
-        hashes[file_hash(path)].append(str(path.relative_to(root)))
+        hashes[digest].append(str(path.relative_to(root)))
         return w, h
 
     if isinstance(ds, SegmentationDataset):
@@ -107,11 +121,11 @@ def _check_segmentation(ds: SegmentationDataset, rep: CheckReport, read_info, ba
     rep.counts = {"pairs": len(ds), "unlabeled_images": len(ds.unlabeled)}
     rep.images_without_annotation = [str(p) for p in ds.images_without_annotation]
     rep.annotations_without_image = [str(p) for p in ds.annotations_without_image]
-    rep.errors += [
-        f"{p}: image has no annotation (use --empty-if-missing if that means an empty mask)"
+    rep.errors += [  # via DataError: one line even when a file name holds a newline
+        str(DataError(p, "image has no annotation (use --empty-if-missing if that means an empty mask)"))
         for p in ds.images_without_annotation
     ]
-    rep.errors += [f"{p}: annotation has no image" for p in ds.annotations_without_image]
+    rep.errors += [str(DataError(p, "annotation has no image")) for p in ds.annotations_without_image]
     objects: Counter[str] = Counter()
     for i, it in enumerate(ds.items):
         if it.image is not None:
@@ -133,9 +147,7 @@ def _check_segmentation(ds: SegmentationDataset, rep: CheckReport, read_info, ba
                         objects[s.label] += 1
                         if out_of_bounds(s, *size):
                             rep.out_of_bounds.append(f"{it.annotation}: shape {s.index} ('{s.label}')")
-                    mask = labelme_to_mask(lm, image_size=size, label_map=ds.label_map)  # type: ignore[arg-type]
-                else:
-                    mask = ds.load_mask(i, size)  # type: ignore[arg-type]
+                mask = ds.load_mask(i, size)  # type: ignore[arg-type]  # the reader training uses
             rep.warnings += [
                 str(w.message)
                 for w in caught

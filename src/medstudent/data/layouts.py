@@ -19,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 
-from medstudent.data.io import IMAGE_EXTS, list_images, read_image, read_mask
+from medstudent.data.io import IMAGE_EXTS, is_folder, list_dir, list_images, os_reason, read_image, read_mask
 from medstudent.data.labelme import labelme_to_mask, read_labelme
 from medstudent.errors import ConfigError, DataError
 
@@ -36,33 +36,51 @@ KERMANY_GROUP_REGEX = r"^[A-Za-z]+-(\d+)-\d+$"
 
 def _first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
     for n in names:
-        if (root / n).is_dir():
+        if is_folder(root / n):
             return root / n
     return None
 
 
 def _image_subdirs(folder: Path) -> list[Path]:
+    """Sub-folders holding images; an unreadable one is a DataError naming it, not a silently lost class."""
     return sorted(
         d
-        for d in folder.iterdir()
-        if d.is_dir() and any(p.suffix.lower() in IMAGE_EXTS for p in d.iterdir() if p.is_file())
+        for d in list_dir(folder)
+        if is_folder(d) and any(p.suffix.lower() in IMAGE_EXTS for p in list_dir(d))
     )
+
+
+def _json_files(folder: Path) -> list[Path]:
+    """*.json entries, FIFOs and folders included: read_labelme refuses those by name."""
+    return [p for p in list_dir(folder) if p.suffix == ".json"]
+
+
+def _by_stem(paths: list[Path], root: Path, what: str) -> dict[str, Path]:
+    """Files keyed by stem; two files with one stem (a.jpg + a.png, a.jpg + a.JPG) would silently drop one
+    from the pairing, so that is an error listing both."""
+    out: dict[str, Path] = {}
+    for p in paths:
+        if p.stem in out:
+            a, b = out[p.stem].relative_to(root), p.relative_to(root)
+            raise DataError(p, f"{what} {a} and {b} share the stem '{p.stem}'; rename or remove one")
+        out[p.stem] = p
+    return out
 
 
 def detect_layout(root: str | Path) -> Layout:
     """Guess the layout of `root`; raises DataError when it matches none."""
     root = Path(root)
-    if not root.is_dir():
+    if not is_folder(root):
         raise DataError(root, "not a folder")
     img_dir = _first_dir(root, IMAGE_DIRS)
     if img_dir is not None:
         if _first_dir(root, MASK_DIRS) is not None:
             return "masks"
-        if _first_dir(root, ANNOTATION_DIRS) is not None or any(img_dir.glob("*.json")):
+        if _first_dir(root, ANNOTATION_DIRS) is not None or _json_files(img_dir):
             return "labelme"
-    if any(root.glob("*.json")):
+    if _json_files(root):
         return "labelme"
-    subsets = [root / s for s in SUBSETS if (root / s).is_dir()]
+    subsets = [root / s for s in SUBSETS if is_folder(root / s)]
     if subsets and any(_image_subdirs(s) for s in subsets):
         return "classification"
     if len(_image_subdirs(root)) >= 2 and not list_images(root):
@@ -134,11 +152,19 @@ class SegmentationDataset:
         if it.annotation is None:
             return np.zeros((h, w), np.uint8)
         if self.format == "labelme":
-            return labelme_to_mask(it.annotation, image_size=image_size, label_map=self.label_map)
-        mask = read_mask(it.annotation)
-        if mask.shape != (h, w):
+            mask = labelme_to_mask(it.annotation, image_size=image_size, label_map=self.label_map)
+        else:
+            mask = read_mask(it.annotation)
+            if mask.shape != (h, w):
+                raise DataError(
+                    it.annotation, f"mask is {mask.shape[1]}x{mask.shape[0]} but its image is {w}x{h}"
+                )
+        top = int(mask.max(initial=0))
+        if top >= self.num_classes:
             raise DataError(
-                it.annotation, f"mask is {mask.shape[1]}x{mask.shape[0]} but its image is {w}x{h}"
+                it.annotation,
+                f"mask value {top} is no class: {self.num_classes} classes ({', '.join(self.class_names)}) "
+                f"use ids 0..{self.num_classes - 1}; declare more classes with data.label_map",
             )
         return mask
 
@@ -215,11 +241,11 @@ def open_segmentation(
     img_dir = _first_dir(root, IMAGE_DIRS) or root
     if layout == "masks":
         ann_dir = _first_dir(root, MASK_DIRS)
-        anns = {p.stem: p for p in list_images(ann_dir)}  # type: ignore[arg-type]
+        anns = _by_stem(list_images(ann_dir), root, "masks")  # type: ignore[arg-type]
     else:
         ann_dir = _first_dir(root, ANNOTATION_DIRS) or img_dir
-        anns = {p.stem: p for p in sorted(ann_dir.glob("*.json"))}
-    images = {p.stem: p for p in list_images(img_dir)}
+        anns = _by_stem(_json_files(ann_dir), root, "annotations")
+    images = _by_stem(list_images(img_dir), root, "images")
     items: list[SegItem] = []
     missing_ann: list[Path] = []
     for stem, img in images.items():
@@ -240,6 +266,9 @@ def open_segmentation(
     items.sort(key=lambda it: it.id)
     unl_dir = _first_dir(root, UNLABELED_DIRS)
     if label_map:
+        bad = {k: v for k, v in label_map.items() if not isinstance(v, int) or not 0 <= v <= 254}
+        if bad:
+            raise ConfigError(None, f"label_map ids must be 0..254 (255 means 'ignore'), got {bad}")
         ncls = max(label_map.values()) + 1
         names = ["background"] + [f"class_{c}" for c in range(1, ncls)]
         for name, c in label_map.items():
@@ -294,7 +323,7 @@ def open_classification(
 ) -> ClassificationDataset:
     """OCT2017 / ImageFolder layout; class names are folder names in sorted order, united across subsets."""
     root = Path(root)
-    subsets = [root / s for s in SUBSETS if (root / s).is_dir()]
+    subsets = [root / s for s in SUBSETS if is_folder(root / s)]
     parents: list[tuple[str | None, Path]] = [(s.name, s) for s in subsets] or [(None, root)]
     class_dirs = {d.name for _, parent in parents for d in _image_subdirs(parent)}
     if not class_dirs:
@@ -305,7 +334,7 @@ def open_classification(
         ClsItem(_rel_id(root, img), img, index[d.name], subset, patient_group(img.stem, group_regex))
         for subset, parent in parents
         for d in _image_subdirs(parent)
-        for img in list_images(d)
+        for img in _by_stem(list_images(d), root, "images").values()  # ids must name one file
     ]
     return ClassificationDataset(root=root, class_names=class_names, items=items)
 
@@ -325,13 +354,17 @@ def open_dataset(
     empty_if_missing: bool = False,
     group_regex: str | None = KERMANY_GROUP_REGEX,
 ) -> SegmentationDataset | ClassificationDataset | UnlabeledDataset:
-    """Open any supported layout (detected)."""
-    layout = detect_layout(root)
-    if layout in ("labelme", "masks"):
-        return open_segmentation(root, label_map=label_map, empty_if_missing=empty_if_missing)
-    if layout == "classification":
-        return open_classification(root, group_regex=group_regex)
-    return open_unlabeled(root)
+    """Open any supported layout (detected). An OS failure while listing (EACCES, ELOOP, EIO) is a DataError
+    naming the path, never a traceback."""
+    try:
+        layout = detect_layout(root)
+        if layout in ("labelme", "masks"):
+            return open_segmentation(root, label_map=label_map, empty_if_missing=empty_if_missing)
+        if layout == "classification":
+            return open_classification(root, group_regex=group_regex)
+        return open_unlabeled(root)
+    except OSError as e:
+        raise DataError(e.filename or root, f"cannot read ({os_reason(e)})") from None
 
 
 def open_labeled(data) -> SegmentationDataset | ClassificationDataset:

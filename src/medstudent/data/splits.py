@@ -12,12 +12,30 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, StratifiedShuffleSplit
 
+from medstudent.data.io import read_regular_bytes
 from medstudent.data.layouts import ClassificationDataset, SegmentationDataset
 from medstudent.errors import DataError
 
 SPLIT_FORMAT = "medstudent-split/1"
+MAX_SPLIT_BYTES = 64 << 20  # a million ids is ~30 MB
+
+
+class _Fold(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    train: list[StrictStr]
+    val: list[StrictStr]
+
+
+class _SplitDoc(BaseModel):
+    """The parts of a split file that fold_ids and the trainers read; the rest is provenance."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    format: StrictStr | None = None
+    test: list[StrictStr]
+    folds: list[_Fold]
 
 
 def area_fractions(ds: SegmentationDataset) -> np.ndarray:
@@ -157,15 +175,22 @@ def save_split(split: dict, path: str | Path) -> None:
 def load_split(path: str | Path, ds: SegmentationDataset | ClassificationDataset | None = None) -> dict:
     """Read a split file; with `ds`, check that every id it names exists in the data set."""
     path = Path(path)
+    raw = read_regular_bytes(path, MAX_SPLIT_BYTES, what="split file")
     try:
-        with open(path) as f:
-            split = json.load(f)
-    except FileNotFoundError as e:
-        raise DataError(path, "split file not found") from e
-    except json.JSONDecodeError as e:
-        raise DataError(path, f"not valid JSON ({e})") from e
-    if split.get("format") != SPLIT_FORMAT:
-        raise DataError(path, f"not a medstudent split file (format {split.get('format')!r})")
+        split = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise DataError(path, f"not valid JSON ({type(e).__name__}: {e})") from None
+    fmt = split.get("format") if isinstance(split, dict) else None
+    if fmt != SPLIT_FORMAT:
+        raise DataError(path, f"not a medstudent split file (format {fmt!r})")
+    try:
+        _SplitDoc.model_validate(split)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise DataError(path, f"malformed split file: {loc}: {err['msg']}") from None
+    if not split["folds"]:
+        raise DataError(path, "malformed split file: no folds")
     if ds is not None:
         known = set(ds.ids())
         named = set(split["test"]).union(*[set(f["train"]) | set(f["val"]) for f in split["folds"]])
