@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/medstudent demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/lint-imports && $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -110,7 +110,7 @@ def test_shared_oct_mixed_inputs_load_as_one_batch():
 
 
 def test_class_weights_and_balanced_sampling(synth_oct_dir, tmp_path):
-    from medstudent.training.train import class_weights_for, make_loaders, prepare_data
+    from medstudent.training.loaders import class_weights_for, make_loaders, prepare_data
 
     ds = open_classification(synth_oct_dir)
     keep = [i for i, it in enumerate(ds.items) if it.subset == "train"]

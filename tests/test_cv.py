@@ -13,8 +13,8 @@ from medstudent.cli import app
 from medstudent.config import load_config
 from medstudent.data.splits import load_split
 from medstudent.errors import ConfigError, DataError
+from medstudent.evaluation.results import KEY_COLUMNS, read_results, write_results
 from medstudent.experiments.cv import MANIFEST, run_cv, train_fold
-from medstudent.experiments.results import KEY_COLUMNS, read_results, write_results
 
 runner = CliRunner()
 TINY = [

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from medstudent.distributed import gather, rank_world, shard
-from medstudent.training.train import state_digest
+from medstudent.training.callbacks import state_digest
 
 BIN = Path(sys.executable).parent
 

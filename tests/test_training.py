@@ -329,7 +329,7 @@ def test_lr_schedules():
 
 def test_a_single_sample_last_batch_is_dropped(synth_stas_dir, tmp_path):
     """BatchNorm cannot train on a batch of one: a remainder of exactly one sample is dropped."""
-    from medstudent.training.train import make_loaders, prepare_data
+    from medstudent.training.loaders import make_loaders, prepare_data
 
     cfg = tiny_cfg(synth_stas_dir, tmp_path)
     prep = prepare_data(cfg)
@@ -362,8 +362,8 @@ def test_frozen_backbone_then_unfrozen(synth_stas_dir, tmp_path):
     trains afterwards at lr * backbone_lr_scale; the decoder trains throughout."""
     import lightning as L
 
+    from medstudent.training.loaders import make_loaders, prepare_data
     from medstudent.training.module import TaskModule
-    from medstudent.training.train import make_loaders, prepare_data
 
     cfg = tiny_cfg(synth_stas_dir, tmp_path, "optim.freeze_epochs=1", "optim.backbone_lr_scale=0.5")
     prep = prepare_data(cfg)
@@ -494,7 +494,7 @@ def test_fold_all_trains_on_every_non_test_image(synth_stas_dir, tmp_path):
 
 
 def test_epochs_that_fit_the_time_budget():
-    from medstudent.training.train import epochs_that_fit
+    from medstudent.training.callbacks import epochs_that_fit
 
     assert epochs_that_fit(60, 1, 600, 52, 1) == 10  # 1 min per epoch, 10 min left
     assert epochs_that_fit(120, 2, 1000, 52, 2) == 16  # 16.7 fit -> 16, a validated epoch
@@ -508,10 +508,10 @@ def test_fit_epochs_to_time_ends_run_and_cosine_inside_the_budget(synth_stas_dir
     import itertools
     from types import SimpleNamespace
 
-    import medstudent.training.train as train_mod
+    import medstudent.training.callbacks as callbacks_mod
 
     ticks = itertools.count()
-    monkeypatch.setattr(train_mod, "_clock", lambda: 30.0 * next(ticks))
+    monkeypatch.setattr(callbacks_mod, "_clock", lambda: 30.0 * next(ticks))
     cfg = tiny_cfg(
         synth_stas_dir,
         tmp_path,
@@ -528,7 +528,7 @@ def test_fit_epochs_to_time_ends_run_and_cosine_inside_the_budget(synth_stas_dir
     state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("FitEpochsToTime"))
     assert state == {"planned": 3}
     # --resume: the restored plan is applied again before training continues
-    cb = train_mod.FitEpochsToTime(2, 1)
+    cb = callbacks_mod.FitEpochsToTime(2, 1)
     cb.load_state_dict(state)
     trainer = SimpleNamespace(fit_loop=SimpleNamespace(max_epochs=6))
     cb.on_train_start(trainer, None)

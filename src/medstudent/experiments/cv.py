@@ -40,7 +40,7 @@ from medstudent.config import RunConfig
 from medstudent.data.splits import fold_ids, load_split, save_split
 from medstudent.distributed import is_main
 from medstudent.errors import ConfigError, DataError
-from medstudent.experiments.results import write_results
+from medstudent.evaluation.results import primary_metric, write_results
 
 MANIFEST = "cv_manifest.json"
 MANIFEST_FORMAT = "medstudent-cv/1"
@@ -60,11 +60,6 @@ RUNTIME_KEYS = (
 FoldOutcome = Path | str | Sequence[Path | str] | Mapping[str, float]
 FoldRunner = Callable[[RunConfig, Path, int, Path], FoldOutcome]
 FoldCallback = Callable[[int, dict[str, float]], None]
-
-
-def primary_metric(task: str) -> str:
-    """The metric a CV (and a tuning study) optimises by default."""
-    return "mean_dice" if task == "segmentation" else "accuracy"
 
 
 # ------------------------------------------------------------------------------------------ fold runners

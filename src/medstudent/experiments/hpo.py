@@ -40,7 +40,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from medstudent.config import RunConfig, save_config
 from medstudent.errors import ConfigError, DataError
-from medstudent.experiments.cv import FoldRunner, primary_metric, resolve_split, run_cv
+from medstudent.evaluation.results import primary_metric
+from medstudent.experiments.cv import FoldRunner, resolve_split, run_cv
 
 SCALARS = (type(None), bool, int, float, str)
 

@@ -38,6 +38,7 @@ from medstudent.data.layouts import (
 )
 from medstudent.distributed import barrier, gather, is_main, shard
 from medstudent.errors import ConfigError, DataError
+from medstudent.evaluation.results import primary_metric, write_results
 from medstudent.selftrain.pseudo import pseudo_mask_agreement, seg_pseudo_mask, select_cls_pseudo
 
 STATE_FORMAT = "medstudent-selftrain/1"
@@ -680,7 +681,7 @@ def _evaluate_round(rec: dict, dirs: list[Path], cfg: RunConfig, plan: Plan, rol
         "members": len(dirs),
         "val_metric": score_round(dirs, cfg, plan, "val"),
         "test_metric": score_round(dirs, cfg, plan, "test"),
-        "metric": "mean_dice" if cfg.data.task == "segmentation" else "accuracy",
+        "metric": primary_metric(cfg.data.task),
         "minutes": round((time.time() - start) / 60, 2),
     }
 
@@ -728,9 +729,6 @@ def write_summary(root: Path, state: State, cfg: RunConfig) -> dict[str, Any]:
     lines = ["| " + " | ".join(SUMMARY_FIELDS) + " |", "|" + "---|" * len(SUMMARY_FIELDS)]
     lines += ["| " + " | ".join(_fmt(r.get(f)) for f in SUMMARY_FIELDS) + " |" for r in rows]
     (root / "summary.md").write_text("\n".join(lines) + "\n")
-    from medstudent.experiments.cv import primary_metric
-    from medstudent.experiments.results import write_results
-
     metric = primary_metric(cfg.data.task)  # mean_dice | accuracy, as `cv` writes them
     dataset = Path(cfg.data.root).resolve().name
     for split_name, fname in (("val", "results.csv"), ("test", "test_results.csv")):

@@ -1,0 +1,1 @@
+"""Torch-free inference core: the steps around the network, written once for every engine."""
