@@ -221,7 +221,7 @@ def test_gate_stops_when_the_student_is_not_better(synth_stas_dir, tmp_path, mon
         ],
     )
     scores = iter([0.8, 0.7, 0.6, 0.5])  # teacher val/test, then student 1 val/test
-    monkeypatch.setattr(st_loop, "score_round", lambda *a, **k: next(scores))
+    monkeypatch.setattr(st_loop, "score_round", lambda *a, **k: {"mean_dice": next(scores)})
     logs: list[str] = []
     summary = run_selftrain(cfg, progress=False, log=logs.append)
     assert [r["gate"] for r in summary["rounds"]] == ["teacher", "rejected"]

@@ -98,6 +98,11 @@ def pooled_dice(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray]) -> float
     for i, (p, g) in enumerate(zip(preds, gts, strict=True)):
         a, b, c = _counts(*_pair(p, g, i))
         tp, fp, fn = tp + a, fp + b, fn + c
+    return counts_dice(tp, fp, fn)
+
+
+def counts_dice(tp: int, fp: int, fn: int) -> float:
+    """Dice of pixel counts summed over images: `pooled_dice` without keeping every mask in memory."""
     return float(_scores_from_counts(tp, fp, fn)["dice"])
 
 
