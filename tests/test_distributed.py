@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from medstudent.distributed import gather, rank_world, shard
@@ -48,6 +49,7 @@ def test_gather_single_process_is_identity():
     assert gather({"a": 1}) == [{"a": 1}]
 
 
+@pytest.mark.slow  # trains a model
 def test_ddp_two_cpu_processes_train_in_sync(synth_stas_dir, tmp_path):
     """Two gloo ranks train a few steps: both saw different images, and the checkpoint rank 0 saved holds the
     weights rank 1 ended with."""
@@ -112,6 +114,7 @@ def test_predict_folder_shards_images_across_ranks(tmp_path):
     assert not list((tmp_path / "out").glob(".rank_*"))
 
 
+@pytest.mark.slow  # trains a model
 def test_predict_devices_two_processes_matches_single(synth_oct_dir, tmp_path):
     """`predict --devices 2` starts two ranks that share the images; the merged CSV equals one process's."""
     import pandas as pd

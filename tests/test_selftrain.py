@@ -148,6 +148,7 @@ SEG = [
 ]
 
 
+@pytest.mark.slow  # trains a model
 def test_segmentation_selftrain_two_rounds_then_resume(synth_stas_dir, tmp_path, monkeypatch):
     cfg = load_config("stas_cpu", [f"data.root={synth_stas_dir}", f"train.output_dir={tmp_path}", *SEG])
     real = st_loop.make_pseudo_labels
@@ -210,6 +211,7 @@ def test_segmentation_selftrain_two_rounds_then_resume(synth_stas_dir, tmp_path,
     assert cfg2["model"]["dropout"] == 0.1 and cfg2["model"]["drop_path_rate"] == 0.1
 
 
+@pytest.mark.slow  # trains a model
 def test_gate_stops_when_the_student_is_not_better(synth_stas_dir, tmp_path, monkeypatch):
     cfg = load_config(
         "stas_cpu",
@@ -230,6 +232,7 @@ def test_gate_stops_when_the_student_is_not_better(synth_stas_dir, tmp_path, mon
     assert not (tmp_path / cfg.train.name / "round_2").exists()
 
 
+@pytest.mark.slow  # trains a model
 def test_classification_selftrain_cli_with_hidden_labels(synth_oct_dir, tmp_path):
     ds = open_classification(synth_oct_dir)
     save_split(split_from_folders(ds), tmp_path / "split.json")
@@ -293,6 +296,7 @@ def test_selftrain_without_a_pool_is_a_clear_error(synth_oct_dir, tmp_path):
         run_selftrain(cfg, progress=False, log=lambda m: None)
 
 
+@pytest.mark.slow  # trains a model
 def test_cv_runs_noisy_student_per_fold(synth_oct_dir, tmp_path):
     """`medstudent cv` on a config with a selftrain section cross-validates Noisy Student: each fold is a
     self-training run and the fold is scored with its best round's models."""

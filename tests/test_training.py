@@ -53,6 +53,7 @@ def trained_run(synth_stas_dir, tmp_path_factory):
     return train(cfg, progress=False)
 
 
+@pytest.mark.slow  # trains a model
 def test_training_lowers_loss_and_writes_run_tree(trained_run):
     run = trained_run
     for rel in (
@@ -75,6 +76,7 @@ def test_training_lowers_loss_and_writes_run_tree(trained_run):
     assert last["epoch"] == 2  # refreshed every epoch, also when the validation metric did not improve
 
 
+@pytest.mark.slow  # trains a model
 def test_checkpoint_predict_evaluate_round_trip(trained_run, synth_stas_dir, tmp_path):
     out = tmp_path / "pred"
     res = runner.invoke(
@@ -111,6 +113,7 @@ def test_checkpoint_predict_evaluate_round_trip(trained_run, synth_stas_dir, tmp
     assert (tmp_path / "ev" / "worst.png").is_file()
 
 
+@pytest.mark.slow  # trains a model
 def test_resume_continues_from_saved_epoch(synth_stas_dir, tmp_path):
     cfg = tiny_cfg(synth_stas_dir, tmp_path, "train.epochs=1", "train.name=res")
     run = train(cfg, progress=False)
@@ -130,6 +133,7 @@ def test_resume_without_checkpoint_errors(synth_stas_dir, tmp_path):
         train(cfg, resume=True, progress=False)
 
 
+@pytest.mark.slow  # trains a model
 def test_padding_and_tta_restore_exact_size(trained_run):
     pred = load_predictor(trained_run)
     rng = np.random.default_rng(0)
@@ -142,6 +146,7 @@ def test_padding_and_tta_restore_exact_size(trained_run):
         assert tiled.shape == (h, w)
 
 
+@pytest.mark.slow  # trains a model
 def test_multi_scale_tta_is_the_mean_of_the_single_scale_maps(trained_run):
     pred = load_predictor(trained_run)
     img = np.random.default_rng(2).integers(0, 255, (97, 131, 3), dtype=np.uint8)
@@ -193,6 +198,7 @@ def test_ensembles_on_hand_made_maps():
     np.testing.assert_allclose(v[:, 0, 0], [2 / 3, 1 / 3, 0])
 
 
+@pytest.mark.slow  # trains a model
 def test_two_model_ensemble_predicts(trained_run):
     pred = load_predictor(trained_run)
     img = np.random.default_rng(1).integers(0, 255, (80, 120, 3), dtype=np.uint8)
@@ -215,6 +221,7 @@ def test_missing_checkpoint_error(tmp_path):
         load_predictor(bad)
 
 
+@pytest.mark.slow  # trains a model
 def test_prediction_device_choice(trained_run, synth_stas_dir, tmp_path):
     """--device: auto is the CPU on a machine without CUDA (a GPU where there is one); a GPU that is not
     there, or an unknown device, is a one-line error; the predictor's inputs follow the model's device."""
@@ -340,6 +347,7 @@ def test_a_single_sample_last_batch_is_dropped(synth_stas_dir, tmp_path):
         assert len(train_loader) == batches, n
 
 
+@pytest.mark.slow  # trains a model
 def test_init_from_checkpoint_copies_all_weights_or_fails_clearly(trained_run, synth_stas_dir, tmp_path):
     """A student can start from its teacher: every model weight is copied; another model is refused."""
     from medstudent.training.module import TaskModule
@@ -357,6 +365,7 @@ def test_init_from_checkpoint_copies_all_weights_or_fails_clearly(trained_run, s
         _init_weights(TaskModule(other.model_dump(mode="json"), 2, ["background", "STAS"]), ckpt)
 
 
+@pytest.mark.slow  # trains a model
 def test_frozen_backbone_then_unfrozen(synth_stas_dir, tmp_path):
     """optim.freeze_epochs: the encoder (weights and BatchNorm statistics) is untouched while frozen and
     trains afterwards at lr * backbone_lr_scale; the decoder trains throughout."""
@@ -410,6 +419,7 @@ def test_freezing_under_ddp_needs_find_unused(synth_stas_dir, tmp_path):
         OptimConfig(backbone_lr_scale=-1)
 
 
+@pytest.mark.slow  # trains a model
 def test_ema_checkpoints_hold_the_averaged_weights_and_resume(synth_stas_dir, tmp_path):
     cfg = tiny_cfg(
         synth_stas_dir, tmp_path, "train.epochs=2", "train.name=ema", "train.ema=0.5", "optim.lr=0.003"
@@ -432,6 +442,7 @@ def test_ema_checkpoints_hold_the_averaged_weights_and_resume(synth_stas_dir, tm
         tiny_cfg(synth_stas_dir, tmp_path, "train.ema=1.0")
 
 
+@pytest.mark.slow  # trains a model
 def test_tune_postprocess_writes_the_setting_it_reports(trained_run, tmp_path):
     import shutil
 
@@ -457,6 +468,7 @@ def test_tune_postprocess_writes_the_setting_it_reports(trained_run, tmp_path):
     assert json.loads((cli_run / "postprocess.json").read_text()) == written  # same maps, same choice
 
 
+@pytest.mark.slow  # trains a model
 def test_fold_all_trains_on_every_non_test_image(synth_stas_dir, tmp_path):
     """--fold all (nnU-Net's final model): every non-test image trains, none validates, best = last; the run
     predicts; post-processing cannot be tuned on it and self-training refuses it, each with one line."""
@@ -502,6 +514,7 @@ def test_epochs_that_fit_the_time_budget():
     assert epochs_that_fit(600, 2, 300, 52, 2) == 2  # already over: never fewer than done
 
 
+@pytest.mark.slow  # trains a model
 def test_fit_epochs_to_time_ends_run_and_cosine_inside_the_budget(synth_stas_dir, tmp_path, monkeypatch):
     """A fake clock makes every epoch take 30 s against a 2-minute budget: the run stops after 3 of 6
     epochs with the cosine at its end (not cut at its middle), and the plan rides in the checkpoint."""
