@@ -201,7 +201,11 @@ def test_segmentation_selftrain_two_rounds_then_resume(synth_stas_dir, tmp_path,
     table = pd.read_csv(root / "summary.csv")
     assert table["round"].tolist() == [0, 1, 2] and table["val_metric"].between(0, 1).all()
     results = pd.read_csv(root / "results.csv")
-    assert list(results.columns) == ["dataset", "method", "fold", "mean_dice"]
+    # the primary metric first, then the scorer's other columns (as `cv` writes them)
+    assert list(results.columns) == [
+        "dataset", "method", "fold", "mean_dice", "mean_dice_raw", "pooled_dice", "mean_iou", "n_images"
+    ]  # fmt: skip
+    assert results["mean_dice_raw"].between(0, 1).all() and (results["n_images"] == len(fold["val"])).all()
     assert results["method"].tolist() == ["teacher", "student_1", "student_2"]
     assert results["mean_dice"].tolist() == table["val_metric"].tolist()
     assert pd.read_csv(root / "test_results.csv")["mean_dice"].tolist() == table["test_metric"].tolist()
