@@ -15,6 +15,8 @@ from medstudent.inference.postprocess import for_ensemble
 from medstudent.rundir import RunDir
 from medstudent.selftrain.plan import Plan
 
+# ------------------------------------------------------------------------------------- configs per round
+
 
 def _deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
@@ -94,6 +96,9 @@ def train_members(
             prepared=plan.prep,
         )
     return dirs
+
+
+# -------------------------------------------------------------------------------- prediction and scoring
 
 
 def predict_fn(dirs: list[Path], cfg: RunConfig, tta: str) -> tuple[Callable[[np.ndarray], np.ndarray], list]:
