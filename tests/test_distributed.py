@@ -78,6 +78,7 @@ def test_ddp_two_cpu_processes_train_in_sync(synth_stas_dir, tmp_path):
     assert state_digest(state) == reports[1]["weights_sha256"] == reports[0]["weights_sha256"]
 
 
+@pytest.mark.slow  # starts two Python processes
 def test_predict_folder_shards_images_across_ranks(tmp_path):
     """torchrun-style environment, 2 ranks at once: each predicts every other image, rank 0 merges one CSV."""
     import numpy as np
