@@ -34,7 +34,12 @@ class RunDir:
     @classmethod
     def of(cls, output_dir: str | Path, name: str, fold: int | str) -> RunDir:
         """runs/<name>/fold_<k> (`fold` may be "all": the run trained on every image)."""
-        return cls(Path(output_dir) / name / f"fold_{fold}")
+        return cls.fold_in(Path(output_dir) / name, fold)
+
+    @classmethod
+    def fold_in(cls, root: str | Path, fold: int | str) -> RunDir:
+        """<root>/fold_<k>: one fold of a run root (runs/<name>, a cv folder)."""
+        return cls(Path(root) / f"fold_{fold}")
 
     def __fspath__(self) -> str:
         return str(self.root)

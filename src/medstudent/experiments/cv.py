@@ -189,7 +189,7 @@ def _fold_job(
     cfg.data.split = split_path
     if threads and not cfg.train.threads:
         cfg.train.threads = threads
-    fold_dir = RunDir.of(Path(root).parent, Path(root).name, fold).root
+    fold_dir = RunDir.fold_in(root, fold).root
     start = time.time()
     outcome = runner(cfg, Path(split_path), fold, fold_dir)
     if not is_main():  # DDP ranks > 0 only help training; rank 0 scores and records the fold
@@ -354,7 +354,7 @@ def _aggregate(
             if not name.startswith("n_") and v is not None and not math.isnan(float(v)):
                 per_metric.setdefault(name, []).append(float(v))
     table = write_results(rows, root / "results.csv")
-    oof = [RunDir.of(root.parent, root.name, k).oof for k in wanted]
+    oof = [RunDir.fold_in(root, k).oof for k in wanted]
     if any(p.is_file() for p in oof):
         pd.concat([pd.read_csv(p) for p in oof if p.is_file()], ignore_index=True).to_csv(
             RunDir(root).oof, index=False
