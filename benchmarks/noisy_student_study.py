@@ -393,7 +393,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from medstudent.experiments.results import write_results
+    from medstudent.evaluation.results import write_results
 
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ def main() -> None:
     from medstudent.data.splits import make_split, save_split
     from medstudent.evaluation.evaluate import evaluate_classification
     from medstudent.inference.predict import load_predictor, predict_probs
+    from medstudent.rundir import RunDir
     from medstudent.training.train import train
 
     out = args.out
@@ -43,12 +44,13 @@ def main() -> None:
     out.mkdir(parents=True)
     train_ds = open_classification(DATA / "train")
     # 80 training images: 4 folds, grouped by patient; fold 0's validation picks the checkpoint.
-    save_split(make_split(train_ds, test_fraction=0, n_folds=4, seed=0), out / "split.json")
+    split_path = RunDir(out).split
+    save_split(make_split(train_ds, test_fraction=0, n_folds=4, seed=0), split_path)
     cfg = load_config(
         "oct_cpu",
         [
             f"data.root={DATA / 'train'}",
-            f"data.split={out / 'split.json'}",
+            f"data.split={split_path}",
             f"train.output_dir={out}",
             *args.set,
         ],
@@ -75,7 +77,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
         "data": f"train {DATA / 'train'} (80), test {DATA / 'val'} (32)",
         "train_minutes_wall": round(minutes, 2),
-        "train": json.loads((run / "metrics.json").read_text()),
+        "train": json.loads(RunDir(run).metrics.read_text()),
         "test_accuracy": m["accuracy"],
         "test_accuracy_ci95": m["accuracy_ci95"],
         "macro_f1": m["macro_f1"],

@@ -52,7 +52,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench_out" / "onnx_speed.json")
     ap.add_argument("--export-dir", type=Path, default=ROOT / "bench_out" / "onnx_export" / "stas_cpu")
     args = ap.parse_args()
-    if not (args.run / "checkpoints" / "best.ckpt").is_file():
+    from medstudent.rundir import RunDir
+
+    if not RunDir(args.run).best_ckpt.is_file():
         print(f"no trained stas_cpu run at {args.run}: run benchmarks/stas_cpu.py first")
         return 1
     warnings.filterwarnings("ignore")
@@ -60,7 +62,7 @@ def main() -> int:
 
     from medstudent.core.postprocess import postprocess
     from medstudent.data.layouts import open_segmentation
-    from medstudent.evaluation.metrics import per_image_dice
+    from medstudent.evaluation.scoring import seg_row
     from medstudent.inference.export import export_runs
     from medstudent.inference.predict import load_predictor, predict_seg_probs
     from medstudent.runner import OnnxPipeline
@@ -71,7 +73,7 @@ def main() -> int:
     load_start = os.getloadavg()
     t0 = time.perf_counter()
     # static int8 calibrated on 16 of the run's own training images (never the test images)
-    split = json.loads((args.run / "split.json").read_text())
+    split = json.loads(RunDir(args.run).split.read_text())
     calib = args.export_dir.parent / f"{args.export_dir.name}_calibration"
     shutil.rmtree(calib, ignore_errors=True)
     calib.mkdir(parents=True)
@@ -132,8 +134,8 @@ def main() -> int:
             t = time.perf_counter()
             masks[(n, tta)] = postprocess(p, post)
             post_s.append(time.perf_counter() - t)
-            dice[(n, tta)].append(float(per_image_dice([masks[(n, tta)]], [gt])[0]))
-            dice_thr[(n, tta)].append(float(per_image_dice([p > 0.5], [gt])[0]))
+            dice[(n, tta)].append(seg_row(tid, gt, mask=masks[(n, tta)])[0]["dice"])
+            dice_thr[(n, tta)].append(seg_row(tid, gt, prob=p)[0]["dice"])  # no post: threshold 0.5
         for tta in TTAS:
             ref = out[("torch eager fp32", tta)]
             for n in names:

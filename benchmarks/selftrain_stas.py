@@ -50,10 +50,11 @@ def main() -> None:
     from medstudent.config import load_config
     from medstudent.data.layouts import open_segmentation
     from medstudent.data.splits import make_split, save_split
+    from medstudent.rundir import RunDir
     from medstudent.selftrain import run_selftrain
 
     args.out.mkdir(parents=True, exist_ok=True)
-    split_path = ROOT / "bench_out" / "stas_cpu" / "split.json"
+    split_path = RunDir(ROOT / "bench_out" / "stas_cpu").split  # the stas_cpu benchmark's split
     if not split_path.is_file():
         split_path.parent.mkdir(parents=True, exist_ok=True)
         save_split(make_split(open_segmentation(DATA), test_fraction=64, n_folds=5, seed=0), split_path)

@@ -46,18 +46,18 @@ def main() -> None:
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     from medstudent.config import load_config
-    from medstudent.core.postprocess import postprocess
     from medstudent.data.layouts import open_segmentation
     from medstudent.data.splits import make_split, save_split
-    from medstudent.evaluation.metrics import mean_dice, pooled_dice
     from medstudent.evaluation.postprocess_tuning import tune_run
+    from medstudent.evaluation.scoring import seg_row, seg_summary
     from medstudent.inference.predict import load_predictor, predict_seg_probs
+    from medstudent.rundir import RunDir
     from medstudent.training.train import train
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     ds = open_segmentation(DATA)
-    split_path = out / "split.json"
+    split_path = RunDir(out).split
     if not split_path.is_file():
         save_split(make_split(ds, test_fraction=64, n_folds=args.folds, seed=0), split_path)
     cfg = load_config(
@@ -72,8 +72,9 @@ def main() -> None:
     )
     fold = "all" if args.train_all else 0
     cfg.data.fold = fold  # so result.json's config names the fold that was trained
-    run = out / cfg.train.name / f"fold_{fold}"
-    if not (run / "metrics.json").is_file() or args.resume:
+    rd = RunDir.of(out, cfg.train.name, fold)
+    run = rd.root
+    if not rd.metrics.is_file() or args.resume:
         if run.exists() and not args.resume:
             shutil.rmtree(run)
         t0 = time.time()
@@ -107,11 +108,22 @@ def main() -> None:
             t = time.perf_counter()
             p_ms.append(predict_seg_probs(pred, img, "d4", precision="auto", scales=scales))
             secs_ms.append(time.perf_counter() - t)
+
+    def scores(probs: list[np.ndarray]) -> dict:
+        """The one scorer's summary: mean_dice after the run's post-processing, mean_dice_raw at 0.5."""
+        rows = [
+            seg_row(str(k), g, prob=p, post=post)[0] for k, (p, g) in enumerate(zip(probs, gts, strict=True))
+        ]
+        return seg_summary(rows, n_boot=0)
+
+    s_none, s_flip = scores(p_none), scores(p_flip)
+    s_d4 = scores(p_d4) if args.d4 else {}
+    s_ms = scores(p_ms) if multi else {}
     res = {
         "date": str(date.today()),
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
         "data": f"{DATA} (fold {fold} of a {args.folds}-fold split of 256 train, 64 held out)",
-        "train": json.loads((run / "metrics.json").read_text()),
+        "train": json.loads(rd.metrics.read_text()),
         "tuned_postprocess": tune["best"],
         "val_dice_plain": tune["dice_plain"],
         "val_dice_tuned": tune["dice_tuned"],
@@ -119,15 +131,15 @@ def main() -> None:
         "val_dice_held_out": tune.get("dice_held_out"),
         "tuned_adopted": tune.get("adopted"),
         "test_mean_dice": {
-            "no TTA, threshold 0.5": mean_dice([p > 0.5 for p in p_none], gts),
-            "flip TTA, threshold 0.5": mean_dice([p > 0.5 for p in p_flip], gts),
-            "no TTA + post-processing": mean_dice([postprocess(p, pred.postprocess) for p in p_none], gts),
-            "flip TTA + post-processing": mean_dice([postprocess(p, pred.postprocess) for p in p_flip], gts),
+            "no TTA, threshold 0.5": s_none["mean_dice_raw"],
+            "flip TTA, threshold 0.5": s_flip["mean_dice_raw"],
+            "no TTA + post-processing": s_none["mean_dice"],
+            "flip TTA + post-processing": s_flip["mean_dice"],
         },
         **(
             {
-                "test_mean_dice_d4_tta": mean_dice([p > 0.5 for p in p_d4], gts),
-                "test_mean_dice_d4_tta_post": mean_dice([postprocess(p, post) for p in p_d4], gts),
+                "test_mean_dice_d4_tta": s_d4["mean_dice_raw"],
+                "test_mean_dice_d4_tta_post": s_d4["mean_dice"],
             }
             if args.d4
             else {}
@@ -135,15 +147,15 @@ def main() -> None:
         **(
             {
                 "tta_scales": scales,
-                "test_mean_dice_d4_scales": mean_dice([p > 0.5 for p in p_ms], gts),
-                "test_mean_dice_d4_scales_post": mean_dice([postprocess(p, post) for p in p_ms], gts),
-                "test_pooled_dice_d4_scales_post": pooled_dice([postprocess(p, post) for p in p_ms], gts),
+                "test_mean_dice_d4_scales": s_ms["mean_dice_raw"],
+                "test_mean_dice_d4_scales_post": s_ms["mean_dice"],
+                "test_pooled_dice_d4_scales_post": s_ms["pooled_dice"],
                 "inference_s_per_image_d4_scales": float(np.mean(secs_ms)),
             }
             if multi
             else {}
         ),
-        "test_pooled_dice_flip_post": pooled_dice([postprocess(p, pred.postprocess) for p in p_flip], gts),
+        "test_pooled_dice_flip_post": s_flip["pooled_dice"],
         "inference_s_per_image_no_tta_auto_precision": float(np.mean(secs)),
         "peak_ram_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
         "config": cfg.model_dump(mode="json"),

@@ -48,6 +48,7 @@ def oct_run(synth_oct_dir, tmp_path_factory):
     return train(cfg, progress=False)
 
 
+@pytest.mark.slow  # trains a model
 def test_tiny_classifier_learns_above_chance(oct_run):
     m = json.loads((oct_run / "metrics.json").read_text())
     assert m["task"] == "classification" and m["metric"] == "val_acc"
@@ -56,6 +57,7 @@ def test_tiny_classifier_learns_above_chance(oct_run):
     assert log["train_loss"].iloc[-1] < log["train_loss"].iloc[0]
 
 
+@pytest.mark.slow  # trains a model
 def test_predict_csv_and_evaluate(oct_run, synth_oct_dir, tmp_path):
     out = tmp_path / "pred"
     res = runner.invoke(
@@ -110,7 +112,7 @@ def test_shared_oct_mixed_inputs_load_as_one_batch():
 
 
 def test_class_weights_and_balanced_sampling(synth_oct_dir, tmp_path):
-    from medstudent.training.train import class_weights_for, make_loaders, prepare_data
+    from medstudent.training.loaders import class_weights_for, make_loaders, prepare_data
 
     ds = open_classification(synth_oct_dir)
     keep = [i for i, it in enumerate(ds.items) if it.subset == "train"]

@@ -13,8 +13,8 @@ from medstudent.cli import app
 from medstudent.config import load_config
 from medstudent.data.splits import load_split
 from medstudent.errors import ConfigError, DataError
+from medstudent.evaluation.results import KEY_COLUMNS, read_results, write_results
 from medstudent.experiments.cv import MANIFEST, run_cv, train_fold
-from medstudent.experiments.results import KEY_COLUMNS, read_results, write_results
 
 runner = CliRunner()
 TINY = [
@@ -45,6 +45,7 @@ def tiny(root, tmp_path, *extra):
     )
 
 
+@pytest.mark.slow  # trains a model
 def test_folds_resume_after_interruption(synth_stas_dir, tmp_path):
     from medstudent.training.train import train
 
@@ -121,6 +122,7 @@ def test_folds_resume_after_interruption(synth_stas_dir, tmp_path):
         run_cv(tiny(synth_stas_dir, tmp_path, *extra, "optim.lr=0.1"))
 
 
+@pytest.mark.slow  # trains a model
 def test_cv_cli_and_split_mismatch_error(synth_stas_dir, tmp_path):
     args = [f"--set={o}" for o in TINY] + [
         f"--set=data.root={synth_stas_dir}",
@@ -151,6 +153,7 @@ def fake_fold(cfg, split, fold, fold_dir):
     return {"mean_dice": 0.5 + fold / 10, "pid": os.getpid(), "threads": cfg.train.threads or 0}
 
 
+@pytest.mark.slow  # trains a model
 def test_fold_parallel_runs_each_fold_in_a_worker_process(synth_stas_dir, tmp_path):
     import os
 
@@ -187,6 +190,7 @@ def test_cv_classification_with_self_scored_method(synth_oct_dir, tmp_path):
     assert not (res.root / "oof.csv").exists()  # the method wrote no out-of-fold table
 
 
+@pytest.mark.slow  # trains a model
 def test_cv_scores_classification_models(synth_oct_dir, tmp_path):
     cfg = load_config(
         "oct_cpu",

@@ -164,6 +164,7 @@ def test_synth_cli(tmp_path):
 
 
 # ---------------------------------------------- real data (skipped when ../shared is absent)
+@pytest.mark.slow  # reads every real STAS image
 @pytest.mark.shared_data
 def test_shared_stas_check_and_area_statistics(tmp_path):
     root = shared_path("stas")
@@ -196,6 +197,7 @@ def test_shared_oct_check_and_patient_split(tmp_path):
         assert not ({group[i] for i in f["train"]} & ({group[i] for i in f["val"]} | test_groups))
 
 
+@pytest.mark.slow  # reads every real STAS annotation
 @pytest.mark.shared_data
 def test_shared_stas_split_64_held_out(tmp_path):
     root = shared_path("stas")

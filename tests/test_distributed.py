@@ -8,10 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from medstudent.distributed import gather, rank_world, shard
-from medstudent.training.train import state_digest
+from medstudent.training.callbacks import state_digest
 
 BIN = Path(sys.executable).parent
 
@@ -48,6 +49,7 @@ def test_gather_single_process_is_identity():
     assert gather({"a": 1}) == [{"a": 1}]
 
 
+@pytest.mark.slow  # trains a model
 def test_ddp_two_cpu_processes_train_in_sync(synth_stas_dir, tmp_path):
     """Two gloo ranks train a few steps: both saw different images, and the checkpoint rank 0 saved holds the
     weights rank 1 ended with."""
@@ -76,6 +78,7 @@ def test_ddp_two_cpu_processes_train_in_sync(synth_stas_dir, tmp_path):
     assert state_digest(state) == reports[1]["weights_sha256"] == reports[0]["weights_sha256"]
 
 
+@pytest.mark.slow  # starts two Python processes
 def test_predict_folder_shards_images_across_ranks(tmp_path):
     """torchrun-style environment, 2 ranks at once: each predicts every other image, rank 0 merges one CSV."""
     import numpy as np
@@ -112,6 +115,7 @@ def test_predict_folder_shards_images_across_ranks(tmp_path):
     assert not list((tmp_path / "out").glob(".rank_*"))
 
 
+@pytest.mark.slow  # trains a model
 def test_predict_devices_two_processes_matches_single(synth_oct_dir, tmp_path):
     """`predict --devices 2` starts two ranks that share the images; the merged CSV equals one process's."""
     import pandas as pd

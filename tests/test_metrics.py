@@ -22,8 +22,8 @@ from medstudent.evaluation.report import (
     confusion_matrix_png,
     overlay,
     seg_gallery_png,
-    training_curves_png,
 )
+from medstudent.training.curves import curve_panels, training_curves_png
 
 # ---------------------------------------------------------------------------------------- segmentation
 
@@ -240,3 +240,20 @@ def test_training_curves_png(tmp_path):
         training_curves_png(bad, tmp_path / "x.png")
     with pytest.raises(DataError):
         training_curves_png(tmp_path / "missing.csv", tmp_path / "x.png")
+
+
+def test_curve_panels_are_titled_by_what_they_plot():
+    # a validated fold: the validation metric has its own panel, apart from the augmentation policy
+    fold = curve_panels(
+        ["train_loss", "val_loss", "val_dice", "val_metric", "aug_policy_prob", "lr", "lr-AdamW"]
+    )
+    assert fold == {
+        "loss": ["train_loss", "val_loss"],
+        "validation metric": ["val_dice", "val_metric"],
+        "augmentation policy probability": ["aug_policy_prob"],
+        "learning rate": ["lr", "lr-AdamW"],
+    }
+    # --fold all: no validation, so no "metric" panel holding the augmentation probability
+    every = curve_panels(["train_loss", "aug_policy_prob", "lr"])
+    assert list(every) == ["loss", "augmentation policy probability", "learning rate"]
+    assert curve_panels(["train_loss", "grad_norm"])["grad_norm"] == ["grad_norm"]

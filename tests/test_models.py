@@ -104,6 +104,7 @@ def test_mish_decoder() -> None:
         create_model("unet", num_classes=2, decoder_activation="gelu")
 
 
+@pytest.mark.slow  # builds five full-size models
 def test_dropout_and_drop_path_wired() -> None:
     model = create_model("unet", num_classes=2, dropout=0.3, drop_path_rate=0.2)
     assert isinstance(model.segmentation_head, HeadDropout) and model.segmentation_head.p == 0.3
@@ -146,6 +147,7 @@ def test_model_from_config() -> None:
 # --- deep supervision ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # backward through UNet/UNet++ decoders
 @pytest.mark.parametrize(("arch", "num_classes"), [("unet", 2), ("unetplusplus", 3)])
 def test_deep_supervision(arch: str, num_classes: int) -> None:
     model = create_model(
@@ -165,6 +167,7 @@ def test_deep_supervision(arch: str, num_classes: int) -> None:
     assert isinstance(y, torch.Tensor) and y.shape == (1, c, 32, 32)
 
 
+@pytest.mark.slow  # exports a model to ONNX
 def test_deep_supervision_onnx_export(tmp_path) -> None:
     model = create_model("unet", num_classes=2, encoder="resnet18", deep_supervision=True).eval()
     x = torch.randn(1, 3, 64, 64)
@@ -240,6 +243,7 @@ def test_bundled_state_dict_matches_timm() -> None:
         assert list(sd) == list(ref) and all(sd[k].shape == ref[k].shape for k in sd)
 
 
+@pytest.mark.slow  # runs the bundled ImageNet weights
 @pytest.mark.parametrize("arch", ["efficientnet_lite0", "tf_efficientnet_lite0"])
 def test_bundled_lite0_classifies_cat(arch: str) -> None:
     from PIL import Image

@@ -67,6 +67,7 @@ def test_training_precision_flag(cpu_bf16):
     assert _precision(load_config("stas_cpu", ["train.accelerator=cpu", "train.precision=32"])) == "32-true"
 
 
+@pytest.mark.slow  # trains a model
 def test_prediction_autocast_follows_auto(cpu_bf16, synth_stas_dir, tmp_path):
     """The autocast context of prediction is bf16 under auto only on a bf16-native CPU."""
     cpu_bf16(False)

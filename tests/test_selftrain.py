@@ -148,6 +148,7 @@ SEG = [
 ]
 
 
+@pytest.mark.slow  # trains a model
 def test_segmentation_selftrain_two_rounds_then_resume(synth_stas_dir, tmp_path, monkeypatch):
     cfg = load_config("stas_cpu", [f"data.root={synth_stas_dir}", f"train.output_dir={tmp_path}", *SEG])
     real = st_loop.make_pseudo_labels
@@ -200,7 +201,11 @@ def test_segmentation_selftrain_two_rounds_then_resume(synth_stas_dir, tmp_path,
     table = pd.read_csv(root / "summary.csv")
     assert table["round"].tolist() == [0, 1, 2] and table["val_metric"].between(0, 1).all()
     results = pd.read_csv(root / "results.csv")
-    assert list(results.columns) == ["dataset", "method", "fold", "mean_dice"]
+    # the primary metric first, then the scorer's other columns (as `cv` writes them)
+    assert list(results.columns) == [
+        "dataset", "method", "fold", "mean_dice", "mean_dice_raw", "pooled_dice", "mean_iou", "n_images"
+    ]  # fmt: skip
+    assert results["mean_dice_raw"].between(0, 1).all() and (results["n_images"] == len(fold["val"])).all()
     assert results["method"].tolist() == ["teacher", "student_1", "student_2"]
     assert results["mean_dice"].tolist() == table["val_metric"].tolist()
     assert pd.read_csv(root / "test_results.csv")["mean_dice"].tolist() == table["test_metric"].tolist()
@@ -210,6 +215,7 @@ def test_segmentation_selftrain_two_rounds_then_resume(synth_stas_dir, tmp_path,
     assert cfg2["model"]["dropout"] == 0.1 and cfg2["model"]["drop_path_rate"] == 0.1
 
 
+@pytest.mark.slow  # trains a model
 def test_gate_stops_when_the_student_is_not_better(synth_stas_dir, tmp_path, monkeypatch):
     cfg = load_config(
         "stas_cpu",
@@ -221,7 +227,7 @@ def test_gate_stops_when_the_student_is_not_better(synth_stas_dir, tmp_path, mon
         ],
     )
     scores = iter([0.8, 0.7, 0.6, 0.5])  # teacher val/test, then student 1 val/test
-    monkeypatch.setattr(st_loop, "score_round", lambda *a, **k: next(scores))
+    monkeypatch.setattr(st_loop, "score_round", lambda *a, **k: {"mean_dice": next(scores)})
     logs: list[str] = []
     summary = run_selftrain(cfg, progress=False, log=logs.append)
     assert [r["gate"] for r in summary["rounds"]] == ["teacher", "rejected"]
@@ -230,6 +236,7 @@ def test_gate_stops_when_the_student_is_not_better(synth_stas_dir, tmp_path, mon
     assert not (tmp_path / cfg.train.name / "round_2").exists()
 
 
+@pytest.mark.slow  # trains a model
 def test_classification_selftrain_cli_with_hidden_labels(synth_oct_dir, tmp_path):
     ds = open_classification(synth_oct_dir)
     save_split(split_from_folders(ds), tmp_path / "split.json")
@@ -293,6 +300,7 @@ def test_selftrain_without_a_pool_is_a_clear_error(synth_oct_dir, tmp_path):
         run_selftrain(cfg, progress=False, log=lambda m: None)
 
 
+@pytest.mark.slow  # trains a model
 def test_cv_runs_noisy_student_per_fold(synth_oct_dir, tmp_path):
     """`medstudent cv` on a config with a selftrain section cross-validates Noisy Student: each fold is a
     self-training run and the fold is scored with its best round's models."""

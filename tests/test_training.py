@@ -51,6 +51,7 @@ def trained_run(synth_stas_dir, tmp_path_factory):
     return train(cfg, progress=False)
 
 
+@pytest.mark.slow  # trains a model
 def test_training_lowers_loss_and_writes_run_tree(trained_run):
     run = trained_run
     for rel in (
@@ -73,6 +74,7 @@ def test_training_lowers_loss_and_writes_run_tree(trained_run):
     assert last["epoch"] == 2  # refreshed every epoch, also when the validation metric did not improve
 
 
+@pytest.mark.slow  # trains a model
 def test_checkpoint_predict_evaluate_round_trip(trained_run, synth_stas_dir, tmp_path):
     out = tmp_path / "pred"
     res = runner.invoke(
@@ -109,6 +111,7 @@ def test_checkpoint_predict_evaluate_round_trip(trained_run, synth_stas_dir, tmp
     assert (tmp_path / "ev" / "worst.png").is_file()
 
 
+@pytest.mark.slow  # trains a model
 def test_resume_continues_from_saved_epoch(synth_stas_dir, tmp_path):
     cfg = tiny_cfg(synth_stas_dir, tmp_path, "train.epochs=1", "train.name=res")
     run = train(cfg, progress=False)
@@ -128,6 +131,7 @@ def test_resume_without_checkpoint_errors(synth_stas_dir, tmp_path):
         train(cfg, resume=True, progress=False)
 
 
+@pytest.mark.slow  # trains a model
 def test_padding_and_tta_restore_exact_size(trained_run):
     pred = load_predictor(trained_run)
     rng = np.random.default_rng(0)
@@ -140,6 +144,7 @@ def test_padding_and_tta_restore_exact_size(trained_run):
         assert tiled.shape == (h, w)
 
 
+@pytest.mark.slow  # trains a model
 def test_multi_scale_tta_is_the_mean_of_the_single_scale_maps(trained_run):
     pred = load_predictor(trained_run)
     img = np.random.default_rng(2).integers(0, 255, (97, 131, 3), dtype=np.uint8)
@@ -167,6 +172,7 @@ def test_scaled_contract_multiplies_scale_or_resize():
         load_config("stas_cpu", ["predict.tta_scales=[]"])
 
 
+@pytest.mark.slow  # trains a model
 def test_two_model_ensemble_predicts(trained_run):
     pred = load_predictor(trained_run)
     img = np.random.default_rng(1).integers(0, 255, (80, 120, 3), dtype=np.uint8)
@@ -189,6 +195,7 @@ def test_missing_checkpoint_error(tmp_path):
         load_predictor(bad)
 
 
+@pytest.mark.slow  # trains a model
 def test_prediction_device_choice(trained_run, synth_stas_dir, tmp_path):
     """--device: auto is the CPU on a machine without CUDA (a GPU where there is one); a GPU that is not
     there, or an unknown device, is a one-line error; the predictor's inputs follow the model's device."""
@@ -303,7 +310,7 @@ def test_lr_schedules():
 
 def test_a_single_sample_last_batch_is_dropped(synth_stas_dir, tmp_path):
     """BatchNorm cannot train on a batch of one: a remainder of exactly one sample is dropped."""
-    from medstudent.training.train import make_loaders, prepare_data
+    from medstudent.training.loaders import make_loaders, prepare_data
 
     cfg = tiny_cfg(synth_stas_dir, tmp_path)
     prep = prepare_data(cfg)
@@ -314,6 +321,7 @@ def test_a_single_sample_last_batch_is_dropped(synth_stas_dir, tmp_path):
         assert len(train_loader) == batches, n
 
 
+@pytest.mark.slow  # trains a model
 def test_init_from_checkpoint_copies_all_weights_or_fails_clearly(trained_run, synth_stas_dir, tmp_path):
     """A student can start from its teacher: every model weight is copied; another model is refused."""
     from medstudent.training.module import TaskModule
@@ -331,13 +339,14 @@ def test_init_from_checkpoint_copies_all_weights_or_fails_clearly(trained_run, s
         _init_weights(TaskModule(other.model_dump(mode="json"), 2, ["background", "STAS"]), ckpt)
 
 
+@pytest.mark.slow  # trains a model
 def test_frozen_backbone_then_unfrozen(synth_stas_dir, tmp_path):
     """optim.freeze_epochs: the encoder (weights and BatchNorm statistics) is untouched while frozen and
     trains afterwards at lr * backbone_lr_scale; the decoder trains throughout."""
     import lightning as L
 
+    from medstudent.training.loaders import make_loaders, prepare_data
     from medstudent.training.module import TaskModule
-    from medstudent.training.train import make_loaders, prepare_data
 
     cfg = tiny_cfg(synth_stas_dir, tmp_path, "optim.freeze_epochs=1", "optim.backbone_lr_scale=0.5")
     prep = prepare_data(cfg)
@@ -384,6 +393,7 @@ def test_freezing_under_ddp_needs_find_unused(synth_stas_dir, tmp_path):
         OptimConfig(backbone_lr_scale=-1)
 
 
+@pytest.mark.slow  # trains a model
 def test_ema_checkpoints_hold_the_averaged_weights_and_resume(synth_stas_dir, tmp_path):
     cfg = tiny_cfg(
         synth_stas_dir, tmp_path, "train.epochs=2", "train.name=ema", "train.ema=0.5", "optim.lr=0.003"
@@ -406,6 +416,7 @@ def test_ema_checkpoints_hold_the_averaged_weights_and_resume(synth_stas_dir, tm
         tiny_cfg(synth_stas_dir, tmp_path, "train.ema=1.0")
 
 
+@pytest.mark.slow  # trains a model
 def test_tune_postprocess_writes_the_setting_it_reports(trained_run, tmp_path):
     import shutil
 
@@ -431,6 +442,7 @@ def test_tune_postprocess_writes_the_setting_it_reports(trained_run, tmp_path):
     assert json.loads((cli_run / "postprocess.json").read_text()) == written  # same maps, same choice
 
 
+@pytest.mark.slow  # trains a model
 def test_fold_all_trains_on_every_non_test_image(synth_stas_dir, tmp_path):
     """--fold all (nnU-Net's final model): every non-test image trains, none validates, best = last; the run
     predicts; post-processing cannot be tuned on it and self-training refuses it, each with one line."""
@@ -468,7 +480,7 @@ def test_fold_all_trains_on_every_non_test_image(synth_stas_dir, tmp_path):
 
 
 def test_epochs_that_fit_the_time_budget():
-    from medstudent.training.train import epochs_that_fit
+    from medstudent.training.callbacks import epochs_that_fit
 
     assert epochs_that_fit(60, 1, 600, 52, 1) == 10  # 1 min per epoch, 10 min left
     assert epochs_that_fit(120, 2, 1000, 52, 2) == 16  # 16.7 fit -> 16, a validated epoch
@@ -476,16 +488,17 @@ def test_epochs_that_fit_the_time_budget():
     assert epochs_that_fit(600, 2, 300, 52, 2) == 2  # already over: never fewer than done
 
 
+@pytest.mark.slow  # trains a model
 def test_fit_epochs_to_time_ends_run_and_cosine_inside_the_budget(synth_stas_dir, tmp_path, monkeypatch):
     """A fake clock makes every epoch take 30 s against a 2-minute budget: the run stops after 3 of 6
     epochs with the cosine at its end (not cut at its middle), and the plan rides in the checkpoint."""
     import itertools
     from types import SimpleNamespace
 
-    import medstudent.training.train as train_mod
+    import medstudent.training.callbacks as callbacks_mod
 
     ticks = itertools.count()
-    monkeypatch.setattr(train_mod, "_clock", lambda: 30.0 * next(ticks))
+    monkeypatch.setattr(callbacks_mod, "_clock", lambda: 30.0 * next(ticks))
     cfg = tiny_cfg(
         synth_stas_dir,
         tmp_path,
@@ -502,7 +515,7 @@ def test_fit_epochs_to_time_ends_run_and_cosine_inside_the_budget(synth_stas_dir
     state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("FitEpochsToTime"))
     assert state == {"planned": 3}
     # --resume: the restored plan is applied again before training continues
-    cb = train_mod.FitEpochsToTime(2, 1)
+    cb = callbacks_mod.FitEpochsToTime(2, 1)
     cb.load_state_dict(state)
     trainer = SimpleNamespace(fit_loop=SimpleNamespace(max_epochs=6))
     cb.on_train_start(trainer, None)

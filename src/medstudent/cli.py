@@ -22,6 +22,7 @@ from medstudent.data.stats import write_stats
 from medstudent.data.synth import synth_oct, synth_stas
 from medstudent.distributed import launch_local, rank_world
 from medstudent.errors import DataError
+from medstudent.rundir import RunDir
 
 app = typer.Typer(
     add_completion=False,
@@ -281,7 +282,8 @@ def train_cmd(
     cfg = load_config(config, [*(overrides or []), *extra])
     for member in ensemble_members(cfg):
         run = train(member, fold=_fold(fold), split_path=split, resume=resume, progress=not quiet)
-        metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+        done = RunDir(run).metrics
+        metrics = json.loads(done.read_text()) if done.is_file() else {}
         console.print(
             f"[green]done[/] {run}: best {metrics.get('metric')} = {metrics.get('best_val_metric')}"
             f" after {metrics.get('epochs')} epoch(s), {metrics.get('train_minutes')} min"

@@ -33,6 +33,7 @@ from medstudent.evaluation.evaluate import evaluate_classification, evaluate_seg
 from medstudent.evaluation.metrics import mean_dice
 from medstudent.evaluation.postprocess_tuning import tune_run
 from medstudent.inference.predict import load_predictor, predict_probs
+from medstudent.rundir import RunDir
 from medstudent.training.train import train
 
 
@@ -97,7 +98,7 @@ def _demo_stas(out: Path, minutes: float | None, seed: int, console: Console, sm
         ],
     )
     run = train(cfg, progress=not small)
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = json.loads(RunDir(run).metrics.read_text())
     console.print(
         f"trained {metrics['epochs']} epochs in {metrics['train_minutes']:.1f} min, best validation "
         f"Dice {metrics['best_val_metric']:.3f}"
@@ -225,7 +226,7 @@ def _demo_oct(out: Path, minutes: float | None, seed: int, console: Console, sma
         ],
     )
     run = train(cfg, progress=not small)
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = json.loads(RunDir(run).metrics.read_text())
     console.print(
         f"trained {metrics['epochs']} epochs in {metrics['train_minutes']:.1f} min, best validation "
         f"accuracy {metrics['best_val_metric']:.3f}"

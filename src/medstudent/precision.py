@@ -2,8 +2,8 @@
 
 bf16 autocast is a win only where the hardware computes in bf16: CUDA GPUs that support it (Ampere and
 newer) and CPUs with AVX512-BF16 or AMX. On a CPU without them (AVX2 only, e.g. many AMD EPYC and laptop
-chips) oneDNN emulates bf16, and a UNet-Lite0 training step of 8 x 384x384 crops took 46 s instead of 7 s in
-float32 (BENCHMARKS.md). `auto` therefore picks bf16 only where it is native, and an explicit `bf16` on such a
+chips) oneDNN emulates bf16, and training runs several times slower than in float32 (measured in
+BENCHMARKS.md). `auto` therefore picks bf16 only where it is native, and an explicit `bf16` on such a
 CPU is kept (the user asked for it) but warned about once.
 """
 

@@ -1,7 +1,8 @@
 """`medstudent evaluate`: score predictions against ground truth and write the report files.
 
 Segmentation: per-image Dice/IoU/precision/recall CSV, summary JSON (mean Dice over images with
-empty/empty = 1, as the competition scored; pixel-pooled Dice; bootstrap 95% CI) and a worst-10 gallery.
+empty/empty = 1, as the competition scored; pixel-pooled Dice; bootstrap 95% CI) and a worst-10 gallery,
+all computed by `evaluation.scoring` like the `cv` and self-training scores.
 Classification: accuracy, macro-F1, one-vs-rest AUC, per-class sensitivity/specificity/accuracy, bootstrap
 CIs, confusion matrices and a gallery of the most confidently wrong images.
 """
@@ -19,7 +20,8 @@ from medstudent.data.io import IMAGE_EXTS, list_images, read_image, read_mask
 from medstudent.data.labelme import labelme_to_mask
 from medstudent.data.layouts import ClassificationDataset, SegmentationDataset, detect_layout, open_dataset
 from medstudent.errors import DataError
-from medstudent.evaluation.metrics import bootstrap_ci, classification_metrics, pooled_dice, seg_scores
+from medstudent.evaluation.report import cls_gallery_png, confusion_matrix_png, seg_gallery_png
+from medstudent.evaluation.scoring import cls_summary, seg_row, seg_summary
 
 
 def _pred_masks(pred: Path) -> dict[str, Path]:
@@ -74,24 +76,14 @@ def evaluate_segmentation(
                 preds[stem],
                 f"prediction is {p.shape[1]}x{p.shape[0]}, ground truth {g.shape[1]}x{g.shape[0]}",
             )
-        s = seg_scores(p, g)
-        rows.append({"id": stem, **s})
+        rows.append(seg_row(stem, g, mask=p)[0])  # masks from `predict` are already post-processed
         pm.append(p)
         gm.append(g)
     df = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "per_image.csv", index=False)
-    dice = df["dice"].to_numpy(float)
-    summary = {
-        "images": len(df),
-        "mean_dice": float(dice.mean()),
-        "mean_dice_ci95": list(bootstrap_ci(dice, np.mean, 2000, 0.05, seed)),
-        "pooled_dice": float(pooled_dice(pm, gm)),
-        "mean_iou": float(df["iou"].mean()),
-        "mean_precision": float(df["precision"].mean()),
-        "mean_recall": float(df["recall"].mean()),
-        "empty_gt_images": int((df["gt_px"] == 0).sum()),
-    }
+    scores = seg_summary(rows, n_boot=2000, seed=seed)
+    summary = {"images": scores.pop("n_images"), **scores}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     worst = df.nsmallest(n_worst, "dice")
     gallery = []
@@ -103,8 +95,6 @@ def evaluate_segmentation(
         )
         gallery.append({"id": r["id"], "image": image, "gt": gm[k], "pred": pm[k], "dice": float(r["dice"])})
     if gallery:
-        from medstudent.evaluation.report import seg_gallery_png
-
         seg_gallery_png(
             gallery, out / "worst.png", f"worst {len(gallery)} by Dice (green: truth, red: predicted)"
         )
@@ -139,12 +129,10 @@ def evaluate_classification(
     if not y:
         raise DataError(csv_path, f"none of its images are in {gt}")
     y_arr, p_arr = np.array(y), np.stack(probs)
-    m = classification_metrics(y_arr, p_arr, ds.class_names, seed=seed)
+    m = cls_summary(y_arr, p_arr, ds.class_names, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(m, indent=1))
     pd.DataFrame(m["per_class"]).to_csv(out / "per_class.csv", index=False)
-    from medstudent.evaluation.report import cls_gallery_png, confusion_matrix_png
-
     cm = np.array(m["confusion_matrix"])
     confusion_matrix_png(cm, ds.class_names, out / "confusion_matrix.png", normalize=False)
     confusion_matrix_png(cm, ds.class_names, out / "confusion_matrix_normalized.png", normalize=True)

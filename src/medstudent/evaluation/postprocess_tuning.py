@@ -31,6 +31,7 @@ from medstudent.data.splits import fold_ids, load_split
 from medstudent.errors import ConfigError, DataError
 from medstudent.evaluation.metrics import mean_dice
 from medstudent.inference.predict import load_predictor, predict_seg_probs
+from medstudent.rundir import RunDir
 
 # A modest default grid: stage 1 (binarisation x min_area) is exact and cheap whatever its size;
 # stage 2 (morphology, 12 chains) costs ~0.5 s per 864x480 map and candidate; see `tune_postprocess`.
@@ -298,7 +299,7 @@ def validation_maps(run: Path, tta: str | None = None, progress: Callable[[str],
         raise DataError(run, "post-processing is tuned for segmentation runs only")
     cfg = pred.cfg
     ds = open_dataset(cfg.data.root, label_map=cfg.data.label_map, empty_if_missing=cfg.data.empty_if_missing)
-    split = load_split(Path(run) / "split.json", ds)
+    split = load_split(RunDir(run).split, ds)
     _, val_ids, _ = fold_ids(split, cfg.data.fold)
     if not val_ids:
         raise DataError(
@@ -333,10 +334,10 @@ def tune_run(
 ) -> dict:
     run = Path(run)
     probs, gts, ids, pred = validation_maps(run, tta, progress)
-    _save_val_predictions(run / "predictions" / "val", probs, ids)
+    _save_val_predictions(RunDir(run).val_maps, probs, ids)
     best, table = tune_postprocess(probs, gts, grid=grid, base=pred.cfg.postprocess)
     plain = mean_dice([p > 0.5 for p in probs], gts)
-    path = run / "postprocess.json"
+    path = RunDir(run).postprocess
     path.write_text(json.dumps(best.model_dump(mode="json"), indent=1))
     table.to_csv(run / "postprocess_grid.csv", index=False)
     return {

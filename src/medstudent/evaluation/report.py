@@ -1,4 +1,4 @@
-"""Report figures: confusion matrices, worst-case galleries, overlays and training curves.
+"""Report figures: confusion matrices, worst-case galleries and overlays (training curves: training.curves).
 
 Figures are built on `matplotlib.figure.Figure` directly (Agg canvas), never through pyplot's global state,
 so this works headless, in threads, and without a display backend. Gallery tiles are downscaled to at most
@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
@@ -141,62 +140,5 @@ def confusion_matrix_png(cm: np.ndarray, class_names: list[str], path: str | Pat
         for (i, j), text in np.ndenumerate(disp.text_):
             text.set_text(f"{values[i, j]:.2f}\n({counts[i, j]})")
     ax.set_title("row-normalised (count)" if normalize else "counts")
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def _epoch_table(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per epoch: Lightning logs step rows and epoch rows with NaN elsewhere; average per epoch."""
-    num = df.apply(pd.to_numeric, errors="coerce")
-    per_epoch = num.drop(columns=[c for c in ("step",) if c in num]).groupby("epoch").mean()
-    # Prefer Lightning's on-epoch aggregate ("x_epoch") over the per-step series ("x_step") of one metric.
-    drop = [c for c in per_epoch if c.endswith("_step") and f"{c[:-5]}_epoch" in per_epoch]
-    return per_epoch.drop(columns=drop).dropna(axis=1, how="all")
-
-
-def training_curves_png(metrics_csv: str | Path, path: str | Path) -> Path:
-    """Loss, metrics and learning rate per epoch from a Lightning CSVLogger `metrics.csv`.
-
-    Step rows are averaged per epoch; a metric logged both per step and per epoch is shown once (the epoch
-    value). Panels: losses, other metrics, learning rate (log scale), whichever were logged. A log with
-    no metric yet gives a figure that says so; a missing file or one without an `epoch` column is a DataError.
-    """
-    metrics_csv = Path(metrics_csv)
-    try:
-        df = pd.read_csv(metrics_csv)
-    except FileNotFoundError as e:
-        raise DataError(metrics_csv, "file not found") from e
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise DataError(metrics_csv, f"not a readable CSV ({type(e).__name__}: {e})") from e
-    if "epoch" not in df:
-        raise DataError(metrics_csv, f"no 'epoch' column (columns: {', '.join(map(str, df.columns))})")
-    table = _epoch_table(df)
-    if table.empty:  # e.g. stopped before the first logged step: say so rather than fail the run
-        fig = _new_figure(5.0, 3.8)
-        fig.text(0.5, 0.5, f"{metrics_csv}:\nno metric logged yet", ha="center", va="center", fontsize=9)
-        return _save(fig, path)
-
-    def is_lr(c: str) -> bool:
-        return c == "lr" or c.startswith(("lr-", "lr_", "lr/"))
-
-    groups = {
-        "loss": [c for c in table if "loss" in c and not is_lr(c)],
-        "metric": [c for c in table if "loss" not in c and not is_lr(c)],
-        "learning rate": [c for c in table if is_lr(c)],
-    }
-    groups = {k: v for k, v in groups.items() if v}
-    fig = _new_figure(5.0 * len(groups), 3.8)
-    for i, (name, cols) in enumerate(groups.items()):
-        ax = fig.add_subplot(1, len(groups), i + 1)
-        for c in cols:
-            s = table[c].dropna()
-            ax.plot(s.index, s.to_numpy(), marker="o", markersize=3, label=c)
-        if name == "learning rate" and np.nanmin(table[cols].to_numpy()) > 0:
-            ax.set_yscale("log")
-        ax.set_xlabel("epoch")
-        ax.set_title(name)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("/".join(metrics_csv.parts[-3:-1]) or metrics_csv.name, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)

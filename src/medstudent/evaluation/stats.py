@@ -1,7 +1,7 @@
 """`medstudent compare`: are the differences between methods over several data sets significant?
 
 Input: long-format results, one row per data set x method (x fold), any extra columns (the format
-`medstudent cv` writes, see `medstudent.experiments.results`). The scores of a method on a data set are
+`medstudent cv` writes, see `medstudent.evaluation.results`). The scores of a method on a data set are
 averaged over its folds; the data sets are the blocks of the tests (Demsar 2006, JMLR 7:1-30):
 
 - average ranks (1 = best; ties share the mean rank);
@@ -30,6 +30,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from medstudent.errors import DataError
+from medstudent.evaluation.results import read_results
 
 
 @dataclass
@@ -86,8 +87,6 @@ class Comparison:
 
 def read_long(paths: Sequence[str | Path], columns: Sequence[str]) -> pd.DataFrame:
     """Concatenate result CSVs, checking each has the needed columns."""
-    from medstudent.experiments.results import read_results
-
     frames = [read_results(p, columns) for p in paths]
     if not frames:
         raise DataError(None, "no results files given")

@@ -25,9 +25,7 @@ import json
 import math
 import os
 import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,34 +35,39 @@ import numpy as np
 import pandas as pd
 
 from medstudent.config import RunConfig
-from medstudent.data.splits import fold_ids, load_split, save_split
+from medstudent.core.postprocess import for_ensemble
+from medstudent.data.layouts import open_dataset
+from medstudent.data.splits import fold_ids, load_split
 from medstudent.distributed import is_main
 from medstudent.errors import ConfigError, DataError
-from medstudent.experiments.results import write_results
-
-MANIFEST = "cv_manifest.json"
-MANIFEST_FORMAT = "medstudent-cv/1"
-# Settings that change how a fold runs, not what it computes: they may differ between a run and its resume.
-RUNTIME_KEYS = (
-    "data.fold",
-    "data.split",
-    "data.num_workers",
-    "train.threads",
-    "train.devices",
-    "train.num_nodes",
-    "train.strategy",
-    "train.accelerator",
-    "search",
+from medstudent.evaluation.results import primary_metric, write_results
+from medstudent.evaluation.scoring import result_metrics, score_images, summarize_rows
+from medstudent.experiments.manifest import (
+    MANIFEST,
+    folder_lock,
+    load_manifest,
+    resolve_split,
+    save_manifest,
 )
+from medstudent.experiments.parallel import run_parallel
+from medstudent.rundir import RunDir
+from medstudent.selftrain.loop import selftrain_fold
+
+__all__ = [
+    "MANIFEST",
+    "CVResult",
+    "FOLD_RUNNERS",
+    "FoldRunner",
+    "resolve_fold_runner",
+    "resolve_split",
+    "run_cv",
+    "score_models",
+    "train_fold",
+]
 
 FoldOutcome = Path | str | Sequence[Path | str] | Mapping[str, float]
 FoldRunner = Callable[[RunConfig, Path, int, Path], FoldOutcome]
 FoldCallback = Callable[[int, dict[str, float]], None]
-
-
-def primary_metric(task: str) -> str:
-    """The metric a CV (and a tuning study) optimises by default."""
-    return "mean_dice" if task == "segmentation" else "accuracy"
 
 
 # ------------------------------------------------------------------------------------------ fold runners
@@ -75,17 +78,19 @@ def train_fold(
 ) -> list[Path]:
     """The default method: supervised training of one fold (each `ensemble:` member), returning the model
     folders. A member whose training ended (metrics.json) is kept; one with a last checkpoint resumes."""
+    # deferred: imports torch and lightning
     from medstudent.training.train import ensemble_members, run_dir_for, train
 
     members = ensemble_members(cfg)
     runs = []
     for m in members:
         run_dir = fold_dir if len(members) == 1 else run_dir_for(m, fold)
-        ckpts = run_dir / "checkpoints"
-        if (run_dir / "metrics.json").is_file() and (ckpts / "best.ckpt").is_file():
+        rd = RunDir(run_dir)
+        if rd.is_trained():
             runs.append(run_dir)
             continue
-        resume = (ckpts / "last.ckpt").is_file()
+        resume = rd.last_ckpt.is_file()
+        ckpts = rd.checkpoints
         if not resume and ckpts.is_dir() and any(ckpts.iterdir()):
             raise DataError(
                 run_dir, "holds checkpoints but no last.ckpt to resume from; delete it to retrain"
@@ -100,8 +105,6 @@ def resolve_fold_runner(cfg: RunConfig, progress: bool = False) -> FoldRunner:
     """The fold runner for a configuration: Noisy Student for a config with a `selftrain:` section (the
     runner registered as FOLD_RUNNERS["selftrain"], same signature as `train_fold`), else `train_fold`."""
     if cfg.selftrain is not None:
-        from medstudent.selftrain.loop import selftrain_fold
-
         runner = FOLD_RUNNERS.get("selftrain", selftrain_fold)
         if runner is None:  # never fall back to plain training: its scores would pass for Noisy Student's
             raise ConfigError(None, "selftrain: no Noisy Student fold runner is registered for cv/tune")
@@ -118,8 +121,7 @@ FOLD_RUNNERS: dict[str, FoldRunner] = {}
 
 
 def open_task_dataset(cfg: RunConfig):
-    from medstudent.data.layouts import open_dataset
-
+    """cfg's labeled data set (segmentation or classification), opened as `train` opens it."""
     d = cfg.data
     return open_dataset(
         d.root, label_map=d.label_map, empty_if_missing=d.empty_if_missing, group_regex=d.group_regex
@@ -129,14 +131,14 @@ def open_task_dataset(cfg: RunConfig):
 def score_models(
     models: Sequence[Path], cfg: RunConfig, ids: Sequence[str], maps_dir: Path | None = None
 ) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Predict `ids` of cfg's data set with the ensemble of `models` and score them.
+    """Predict `ids` of cfg's data set with the ensemble of `models` and score them (`evaluation.scoring`).
 
-    Segmentation: per-image Dice/IoU/precision/recall after the run's post-processing; metrics mean_dice,
-    pooled_dice, mean_iou. Classification: per-image class probabilities; metrics accuracy, macro_f1,
-    auc_macro. Both add n_images. Probability maps go to `maps_dir` (segmentation) when given.
+    Segmentation: per-image Dice/IoU/precision/recall after the run's post-processing (tuned when the first
+    model has a postprocess.json; a vote ensemble is cut at a strict majority) and dice_raw at 0.5; metrics
+    mean_dice, mean_dice_raw, pooled_dice, mean_iou. Classification: per-image class probabilities; metrics
+    accuracy, macro_f1, auc_macro. Both add n_images. Probability maps go to `maps_dir` (segmentation).
     """
-    from medstudent.core.postprocess import postprocess
-    from medstudent.evaluation.metrics import classification_metrics, seg_scores
+    # deferred: imports torch
     from medstudent.inference.predict import load_predictor, predict_probs
 
     if not models:
@@ -149,53 +151,22 @@ def score_models(
     if missing:
         raise DataError(cfg.data.root, f"lacks {len(missing)} image(s) of the split, e.g. {missing[0]}")
     tta, ens = cfg.predict.tta, cfg.predict.ensemble
-    rows: list[dict[str, Any]] = []
-    if first.task == "segmentation":
-        post = first.postprocess
-        if ens == "vote":
-            post = post.model_copy(update={"threshold": 0.5, "hysteresis": False})  # strict majority
-        tp = fp = fn = 0
-        for i in ids:
-            img, gt = ds.load(index[i])
-            prob = predict_probs(predictors, img, tta=tta, ensemble=ens)
-            mask = postprocess(prob, post) if prob.ndim == 2 else prob.argmax(0)
-            s = seg_scores(mask, gt > 0)
-            tp, fp, fn = tp + s["tp"], fp + s["fp"], fn + s["fn"]
-            keys = ("dice", "iou", "precision", "recall", "gt_px", "pred_px")
-            rows.append({"id": i, **{k: s[k] for k in keys}})
-            if maps_dir is not None:
-                _save_map(maps_dir, i, prob if prob.ndim == 2 else 1 - prob[0])
-        table = pd.DataFrame(rows)
-        den = 2 * tp + fp + fn
-        metrics = {
-            "mean_dice": float(table["dice"].mean()),
-            "pooled_dice": 1.0 if den == 0 else 2 * tp / den,
-            "mean_iou": float(table["iou"].mean()),
-            "n_images": len(ids),
-        }
-        return table, metrics
-    names = first.class_names
-    probs, labels = [], []
-    for i in ids:
-        p = predict_probs(predictors, ds.load_image(index[i]), tta=tta, ensemble=ens)
-        probs.append(p)
-        labels.append(ds.items[index[i]].label)
-        rows.append(
-            {
-                "id": i,
-                "label": ds.class_names[labels[-1]],
-                **{f"p_{c}": float(v) for c, v in zip(names, p, strict=True)},
-                "predicted": names[int(np.argmax(p))],
-            }
-        )
-    m = classification_metrics(np.array(labels), np.stack(probs), names, n_boot=0)
-    metrics = {
-        "accuracy": m["accuracy"],
-        "macro_f1": m["macro_f1"],
-        "auc_macro": m["auc_macro"],
-        "n_images": len(ids),
-    }
-    return pd.DataFrame(rows), metrics
+    seg = first.task == "segmentation"
+
+    def save_map(image_id: str, prob: np.ndarray) -> None:
+        if maps_dir is not None:
+            _save_map(maps_dir, image_id, prob if prob.ndim == 2 else 1 - prob[0])
+
+    rows = score_images(
+        ds,
+        [index[i] for i in ids],
+        lambda img: predict_probs(predictors, img, tta=tta, ensemble=ens),
+        post=for_ensemble(first.postprocess, ens) if seg else None,
+        class_names=first.class_names,
+        on_prob=save_map if seg else None,
+    )
+    summary = summarize_rows(rows, first.task, first.class_names)
+    return pd.DataFrame(rows), result_metrics(summary, first.task)
 
 
 def _save_map(folder: Path, image_id: str, prob: np.ndarray) -> None:
@@ -218,7 +189,7 @@ def _fold_job(
     cfg.data.split = split_path
     if threads and not cfg.train.threads:
         cfg.train.threads = threads
-    fold_dir = Path(root) / f"fold_{fold}"
+    fold_dir = RunDir.fold_in(root, fold).root
     start = time.time()
     outcome = runner(cfg, Path(split_path), fold, fold_dir)
     if not is_main():  # DDP ranks > 0 only help training; rank 0 scores and records the fold
@@ -229,168 +200,17 @@ def _fold_job(
     else:
         models = [Path(outcome)] if isinstance(outcome, str | Path) else [Path(m) for m in outcome]
         _, val_ids, _ = fold_ids(load_split(split_path), fold)
-        table, metrics = score_models(models, cfg, val_ids, fold_dir / "predictions" / "val")
+        rd = RunDir(fold_dir)
+        table, metrics = score_models(models, cfg, val_ids, rd.val_maps)
         table.insert(0, "fold", fold)
         fold_dir.mkdir(parents=True, exist_ok=True)
-        table.to_csv(fold_dir / "oof.csv", index=False)
+        table.to_csv(rd.oof, index=False)
     return {
         "fold": fold,
         "models": [str(m) for m in models],
         "metrics": metrics,
         "minutes": round((time.time() - start) / 60, 3),
     }
-
-
-# -------------------------------------------------------------------------------------- split, manifest
-
-
-def _split_content(split: dict) -> tuple:
-    return (split["test"], split["folds"])
-
-
-def new_split(cfg: RunConfig, n_folds: int | None = None) -> dict:
-    """A split of cfg's data set made as `medstudent train` makes one (without importing the trainer)."""
-    from medstudent.data.layouts import open_labeled
-    from medstudent.data.splits import make_split
-
-    d = cfg.data
-    ds = open_labeled(d)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return make_split(ds, d.test_fraction, n_folds or d.n_folds, d.split_seed)
-
-
-def resolve_split(cfg: RunConfig, root: Path, split_path: str | Path | None, n_folds: int | None) -> Path:
-    """The split of this CV folder, <root>/split.json: copied from `split_path` / data.split, kept from an
-    earlier run, or made (with `n_folds` folds) from the data set. Returns its path."""
-    target = root / "split.json"
-    src = Path(split_path) if split_path else (Path(cfg.data.split) if cfg.data.split else None)
-    if src is not None and src.resolve() != target.resolve():
-        split = load_split(src)
-        if target.is_file() and _split_content(load_split(target)) != _split_content(split):
-            raise DataError(target, f"differs from {src}: this CV folder was made with another split")
-    elif target.is_file():
-        src, split = target, load_split(target)
-    else:
-        split, src = new_split(cfg, n_folds), None
-    if n_folds is not None and len(split["folds"]) != n_folds:
-        raise ConfigError(src or target, f"has {len(split['folds'])} fold(s), but {n_folds} were asked for")
-    if is_main() and (src is None or src.resolve() != target.resolve()):
-        save_split(split, target)
-    return target
-
-
-def _fingerprint(cfg: RunConfig) -> dict:
-    doc = cfg.model_dump(mode="json")
-    for key in RUNTIME_KEYS:
-        *path, last = key.split(".")
-        node = doc
-        for p in path:
-            node = node.get(p) or {}
-        node.pop(last, None)
-    return doc
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: list[str] = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [prefix.rstrip(".")]
-
-
-def load_manifest(root: Path, cfg: RunConfig | None = None) -> dict:
-    """The CV manifest of `root` (a new one when absent); with `cfg`, check it was made for that config."""
-    path = root / MANIFEST
-    if not path.is_file():
-        return {"format": MANIFEST_FORMAT, "config": _fingerprint(cfg) if cfg else None, "folds": {}}
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(path, f"not valid JSON ({e}); delete it to start the CV over") from e
-    if doc.get("format") != MANIFEST_FORMAT:
-        raise DataError(path, f"not a medstudent CV manifest (format {doc.get('format')!r})")
-    if cfg is not None and doc.get("config") is not None:
-        changed = _diff(doc["config"], _fingerprint(cfg))
-        if changed:
-            more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
-            raise ConfigError(
-                path,
-                f"was written for another configuration ({', '.join(changed[:5])}{more} differ); "
-                "choose another train.name, or delete the folder to start over",
-            )
-    return doc
-
-
-def _save_manifest(root: Path, doc: dict) -> None:
-    if not is_main():
-        return
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(root / MANIFEST)
-
-
-@contextmanager
-def folder_lock(root: Path) -> Iterator[None]:
-    """One CV process per folder: a second one fails at once instead of training the same folds."""
-    import fcntl
-
-    root.mkdir(parents=True, exist_ok=True)
-    if not is_main():  # DDP ranks > 0 rerun the command beside rank 0, which holds the lock
-        yield
-        return
-    with open(root / ".cv.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DataError(root, "another `medstudent cv` is working in this folder") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-# ------------------------------------------------------------------------------------------ parallelism
-
-
-def visible_gpus() -> list[str]:
-    """CUDA device ids this process may use (as CUDA_VISIBLE_DEVICES names them), [] without CUDA."""
-    try:
-        import torch
-
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # noqa: BLE001 - no usable CUDA is no GPU
-        n = 0
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = [s.strip() for s in env.split(",") if s.strip()] if env else [str(i) for i in range(n)]
-    return ids[:n]
-
-
-def _init_worker(slots: Any) -> None:
-    gpu = slots.get()
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before torch touches CUDA in this fresh process
-
-
-def _run_parallel(
-    jobs: list[tuple], n: int
-) -> Iterator[tuple[int, dict[str, Any] | None, BaseException | None]]:
-    """Run fold jobs in `n` spawned processes, one GPU each (round robin) when GPUs are present."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    ctx = mp.get_context("spawn")
-    gpus = visible_gpus()
-    slots = ctx.Queue()
-    for i in range(n):
-        slots.put(gpus[i % len(gpus)] if gpus else None)
-    threads = None if gpus else max(1, (os.cpu_count() or 1) // n)
-    with ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker, initargs=(slots,)) as pool:
-        futures = {pool.submit(_fold_job, *job, threads): job[2] for job in jobs}
-        for fut in as_completed(futures):
-            err = fut.exception()
-            yield futures[fut], (None if err else fut.result()), err
 
 
 # ------------------------------------------------------------------------------------------------- CV
@@ -444,11 +264,11 @@ def run_cv(
         if bad := [k for k in wanted if not 0 <= k < n]:
             raise ConfigError(split_file, f"has no fold {bad[0]} ({n} fold(s))")
         manifest = load_manifest(root, cfg)
-        manifest["split"] = "split.json"
+        manifest["split"] = split_file.name
         manifest["n_folds"] = n
         task = split.get("task") or cfg.data.task
         manifest.setdefault("primary_metric", primary_metric(task))
-        _save_manifest(root, manifest)
+        save_manifest(root, manifest)
         runner = run_method or resolve_fold_runner(cfg, progress=progress and fold_parallel <= 1)
         cfg_doc = cfg.model_dump(mode="json")
 
@@ -461,7 +281,7 @@ def run_cv(
                 "minutes": result["minutes"],
                 "finished": datetime.now(UTC).isoformat(timespec="seconds"),
             }
-            _save_manifest(root, manifest)
+            save_manifest(root, manifest)
             say(f"fold {k}: " + _metrics_line(result["metrics"]) + f" ({result['minutes']:.1f} min)")
 
         def done(k: int) -> bool:
@@ -476,7 +296,7 @@ def run_cv(
                 if on_fold and done(k):
                     on_fold(k, manifest["folds"][str(k)]["metrics"])
             errors: list[BaseException] = []
-            for k, result, err in _run_parallel(jobs, min(fold_parallel, len(jobs))):
+            for k, result, err in run_parallel(_fold_job, jobs, min(fold_parallel, len(jobs))):
                 if err is not None:
                     say(f"fold {k} failed: {err}")
                     errors.append(err)
@@ -534,10 +354,10 @@ def _aggregate(
             if not name.startswith("n_") and v is not None and not math.isnan(float(v)):
                 per_metric.setdefault(name, []).append(float(v))
     table = write_results(rows, root / "results.csv")
-    oof = [root / f"fold_{k}" / "oof.csv" for k in wanted]
+    oof = [RunDir.fold_in(root, k).oof for k in wanted]
     if any(p.is_file() for p in oof):
         pd.concat([pd.read_csv(p) for p in oof if p.is_file()], ignore_index=True).to_csv(
-            root / "oof.csv", index=False
+            RunDir(root).oof, index=False
         )
     summary = {
         "dataset": dataset,
@@ -562,7 +382,7 @@ def _aggregate(
             pred_table, test_metrics = score_models(models, tcfg, test_ids, root / "test" / "maps")
             (root / "test").mkdir(parents=True, exist_ok=True)
             pred_table.to_csv(root / "test" / "predictions.csv", index=False)
-            (root / "test" / "metrics.json").write_text(json.dumps(test_metrics, indent=1))
+            RunDir(root / "test").metrics.write_text(json.dumps(test_metrics, indent=1))
             write_results(
                 [{"dataset": dataset, "method": method, "fold": "test", **test_metrics}],
                 root / "test_results.csv",

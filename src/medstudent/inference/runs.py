@@ -18,6 +18,7 @@ from medstudent.config import PostprocessConfig, RunConfig
 from medstudent.data.transforms import eval_contract
 from medstudent.errors import DataError
 from medstudent.models import model_from_config, seg_out_channels
+from medstudent.rundir import RunDir
 
 
 @dataclass
@@ -74,7 +75,8 @@ def checkpoint_of(path: Path) -> Path:
     """The checkpoint of a run folder (best, else last) or the file itself."""
     if path.is_file():
         return path
-    for cand in (path / "checkpoints" / "best.ckpt", path / "checkpoints" / "last.ckpt"):
+    run = RunDir(path)
+    for cand in (run.best_ckpt, run.last_ckpt):
         if cand.is_file():
             return cand
     raise DataError(
@@ -88,8 +90,8 @@ def expand_runs(paths: list[str | Path]) -> list[Path]:
     for p in map(Path, paths):
         if not p.exists():
             raise DataError(p, "no such run folder or checkpoint")
-        folds = sorted(p.glob("fold_*")) if p.is_dir() and not (p / "checkpoints").is_dir() else []
-        out += [f for f in folds if (f / "checkpoints").is_dir()] or [p]
+        folds = sorted(p.glob("fold_*")) if p.is_dir() and not RunDir(p).checkpoints.is_dir() else []
+        out += [f for f in folds if RunDir(f).checkpoints.is_dir()] or [p]
     return out
 
 
@@ -116,9 +118,9 @@ def load_predictor(path: str | Path, device: str | torch.device = "cpu") -> Pred
     model.eval().to(device if isinstance(device, torch.device) else resolve_device(device))
     if cfg.train.channels_last:  # oneDNN convolutions are faster in NHWC (BENCHMARKS.md)
         model = model.to(memory_format=torch.channels_last)
-    run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    run_dir = RunDir(ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent)
     post = cfg.postprocess
-    tuned = run_dir / "postprocess.json"
+    tuned = run_dir.postprocess
     if tuned.is_file():
         post = PostprocessConfig.model_validate(json.loads(tuned.read_text()))
     return Predictor(model, cfg, list(hp["class_names"]), ckpt_path, post)

@@ -6,24 +6,23 @@ runs/<name>/fold_<k>/
   checkpoints/          best.ckpt (by val_metric) and last.ckpt (for --resume)
   logs/                 CSV and TensorBoard logs
   metrics.json          best validation metric, epochs, minutes, sizes
-  training_curves.png
+  training_curves.png   loss, validation metric, augmentation policy and learning rate per epoch
   postprocess.json      tuned post-processing (medstudent tune-postprocess), used by predict
   predictions/val/      validation probability maps written by tune-postprocess
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import shutil
 import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-import numpy as np
+import pandas as pd
 import torch
 from lightning.pytorch.callbacks import (
     Callback,
@@ -33,260 +32,25 @@ from lightning.pytorch.callbacks import (
     RichProgressBar,
 )
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from medstudent.config import RunConfig, save_config
-from medstudent.data.layouts import ClassificationDataset, SegmentationDataset, open_labeled
-from medstudent.data.splits import fold_ids, load_split, make_split, save_split
-from medstudent.data.transforms import (
-    cls_eval_transform,
-    cls_train_transform,
-    seg_eval_transform,
-    seg_train_transform,
-)
+from medstudent.data.splits import save_split
 from medstudent.distributed import is_main
 from medstudent.errors import ConfigError, DataError
 from medstudent.models import check_model_config
 from medstudent.precision import accelerator_device_type, resolve_precision
-from medstudent.training.data import ClsTorchDataset, SegTorchDataset
+from medstudent.rundir import RunDir
+from medstudent.training.callbacks import EpochAwareTransforms, FitEpochsToTime, RankReport
+from medstudent.training.curves import training_curves_png
+from medstudent.training.loaders import Prepared, class_weights_for, make_loaders, prepare_data
 from medstudent.training.module import TaskModule
 
-
-@dataclass
-class Prepared:
-    """The data side of a run: source data set, split and the index lists of one fold."""
-
-    dataset: SegmentationDataset | ClassificationDataset
-    split: dict
-    train_idx: list[int]
-    val_idx: list[int]
-    test_idx: list[int]
+__all__ = ["Prepared", "ensemble_members", "prepare_data", "run_dir_for", "train"]
 
 
-def prepare_data(cfg: RunConfig, split_path: str | Path | None = None, fold: int | None = None) -> Prepared:
-    d = cfg.data
-    ds = open_labeled(d)
-    split_path = split_path or d.split
-    if split_path:
-        split = load_split(split_path, ds)
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            split = make_split(ds, d.test_fraction, d.n_folds, d.split_seed)
-    k = d.fold if fold is None else fold
-    train_ids, val_ids, test_ids = fold_ids(split, k)
-    index = {i: n for n, i in enumerate(ds.ids())}
-    return Prepared(
-        ds, split, [index[i] for i in train_ids], [index[i] for i in val_ids], [index[i] for i in test_ids]
-    )
-
-
-def run_dir_for(cfg: RunConfig, fold: int) -> Path:
-    return Path(cfg.train.output_dir) / cfg.train.name / f"fold_{fold}"
-
-
-class EpochAwareTransforms(Callback):
-    """Tells epoch-dependent augmentation (the decaying AutoAugment-style policy) which epoch it is."""
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        loader = trainer.train_dataloader
-        ds = getattr(loader, "dataset", None)
-        t = getattr(ds, "transform", None)
-        if hasattr(t, "set_epoch"):
-            t.set_epoch(trainer.current_epoch, trainer.max_epochs or 1)
-            pl_module.log(
-                "aug_policy_prob",
-                float(getattr(t, "policy_prob", 0.0)),
-                on_epoch=True,
-                on_step=False,
-                batch_size=1,
-            )
-
-
-_clock = time.monotonic  # module-level so a test can drive FitEpochsToTime with a fake clock
-
-
-def epochs_that_fit(elapsed_s: float, epochs_done: int, budget_s: float, epochs: int, val_every: int) -> int:
-    """Epochs that end inside `budget_s` at the pace so far (never fewer than done, never more than
-    configured), rounded down to a validated epoch so the last epoch also picks the best checkpoint."""
-    per_epoch = elapsed_s / max(1, epochs_done)
-    fit = int(budget_s // max(per_epoch, 1e-9))
-    if fit >= epochs:
-        return epochs
-    if val_every > 1 and fit >= val_every:
-        fit -= fit % val_every
-    return max(epochs_done, fit)
-
-
-class FitEpochsToTime(Callback):
-    """With `train.max_minutes`, Lightning stops at the time limit wherever the schedule is; on a slower
-    machine that cuts the cosine (and the augmentation decay) off early. After the first validated epoch
-    this measures the pace and lowers max_epochs and the LR schedule's horizon once, so both end in time.
-    Lightning has no such option (its Timer only stops); the plan is saved in checkpoints for --resume."""
-
-    def __init__(self, max_minutes: float, val_every: int, margin: float = 0.97):
-        self.budget_s = max_minutes * 60 * margin  # margin: checkpoint writes and the last validation
-        self.val_every = max(1, val_every)
-        self.planned: int | None = None
-        self.start = 0.0
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.start = _clock()
-        if self.planned is not None:  # resumed: keep the plan made before
-            trainer.fit_loop.max_epochs = self.planned
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        done = trainer.current_epoch + 1
-        if self.planned is not None or done != self.val_every:
-            return
-        epochs = int(trainer.max_epochs or 1)
-        elapsed = _clock() - self.start
-        fit = epochs_that_fit(elapsed, done, self.budget_s, epochs, self.val_every)
-        self.planned = int(trainer.strategy.broadcast(fit, src=0))  # every rank must stop at the same epoch
-        if self.planned >= epochs:
-            return
-        trainer.fit_loop.max_epochs = self.planned  # the LR schedule reads trainer.max_epochs at every step
-        if trainer.is_global_zero:
-            logging.getLogger("medstudent").warning(
-                "train: %d of %d epochs fit in train.max_minutes at this pace (%.1f min per epoch); "
-                "the run and its LR schedule now end at epoch %d",
-                self.planned,
-                epochs,
-                elapsed / 60 / done,
-                self.planned,
-            )
-
-    def state_dict(self) -> dict:
-        return {"planned": self.planned}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.planned = state_dict.get("planned")
-
-
-def state_digest(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of a state dict's tensors (sorted keys): equal digests mean identical weights."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-class RankReport(Callback):
-    """Multi-process runs: each rank writes logs/ranks/rank_<r>.json with the training images it saw and a
-    digest of its final weights, so a user can check every rank worked and the replicas stayed in sync."""
-
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
-        self.seen: list[int] = []
-        self.batches = 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.batches += 1
-        self.seen += [int(i) for i in batch["index"]]
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.world_size <= 1:
-            return
-        out = self.run_dir / "logs" / "ranks"
-        out.mkdir(parents=True, exist_ok=True)
-        report = {
-            "rank": trainer.global_rank,
-            "world_size": trainer.world_size,
-            "batches": self.batches,
-            "samples": len(self.seen),
-            "indices": sorted(set(self.seen)),
-            "weights_sha256": state_digest(pl_module.model.state_dict()),
-        }
-        (out / f"rank_{trainer.global_rank}.json").write_text(json.dumps(report))
-
-
-def make_loaders(cfg: RunConfig, prep: Prepared, extra_train: torch.utils.data.Dataset | None = None):
-    """Train and validation loaders of one fold (plus optional extra training data, e.g. pseudo labels)."""
-    d, t = cfg.data, cfg.train
-    ds = prep.dataset
-    if d.task == "segmentation":
-        train_ds = SegTorchDataset(
-            ds, prep.train_idx, seg_train_transform(cfg.augment), cache=d.cache, skip_bad=d.skip_bad
-        )
-        val_ds = SegTorchDataset(
-            ds, prep.val_idx, seg_eval_transform(cfg.augment), cache=d.cache, skip_bad=d.skip_bad
-        )
-        val_bs = 1  # images may differ in size; scoring is per image anyway
-    else:
-        in_ch = cfg.model.in_channels
-        train_ds = ClsTorchDataset(
-            ds,
-            prep.train_idx,
-            cls_train_transform(cfg.augment, in_ch),
-            num_classes=ds.num_classes,
-            cache=d.cache,
-        )
-        val_ds = ClsTorchDataset(
-            ds,
-            prep.val_idx,
-            cls_eval_transform(cfg.augment, in_ch),
-            num_classes=ds.num_classes,
-            cache=d.cache,
-        )
-        val_bs = t.batch_size
-    if extra_train is not None:
-        # Extra samples (pseudo labels) get the very same training transform object, so the student's noise
-        # and the epoch-decaying policy (EpochAwareTransforms) reach every sample.
-        transform = train_ds.transform
-        for part in _leaves(extra_train):
-            part.transform = transform
-        train_ds = torch.utils.data.ConcatDataset([train_ds, extra_train])
-        train_ds.transform = transform  # type: ignore[attr-defined]
-    sampler = None
-    if t.balanced_sampling and d.task == "classification":
-        labels = np.array([ds.items[i].label for i in prep.train_idx])
-        freq = np.bincount(labels, minlength=ds.num_classes).astype(float)
-        weights = 1.0 / freq[labels]
-        sampler = WeightedRandomSampler(
-            torch.as_tensor(weights),
-            num_samples=len(labels),
-            replacement=True,
-            generator=torch.Generator().manual_seed(t.seed),
-        )
-    g = torch.Generator().manual_seed(t.seed)
-    # Workers are re-created each epoch (not persistent) so the decaying augmentation policy reaches them.
-    kw = {"num_workers": d.num_workers}
-    train_loader = DataLoader(
-        train_ds,
-        batch_size=t.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        # a final batch of one sample would break BatchNorm in training mode ("expected more than 1 value
-        # per channel"), so it is dropped even without train.drop_last
-        drop_last=len(train_ds) > t.batch_size and (t.drop_last or len(train_ds) % t.batch_size == 1),
-        generator=g,
-        **kw,
-    )
-    val_loader = DataLoader(val_ds, batch_size=val_bs, shuffle=False, **kw)
-    return train_loader, val_loader
-
-
-def _leaves(ds: torch.utils.data.Dataset) -> list:
-    if isinstance(ds, torch.utils.data.ConcatDataset):
-        return [leaf for d in ds.datasets for leaf in _leaves(d)]
-    return [ds]
-
-
-def class_weights_for(cfg: RunConfig, prep: Prepared) -> list[float] | None:
-    cw = cfg.loss.class_weights
-    if cfg.data.task != "classification" or cw is None:
-        return None
-    n = prep.dataset.num_classes
-    if cw == "balanced":
-        labels = np.array([prep.dataset.items[i].label for i in prep.train_idx])
-        freq = np.bincount(labels, minlength=n).astype(float)
-        return (len(labels) / (n * np.maximum(freq, 1))).tolist()
-    if len(cw) != n:
-        raise ConfigError(None, f"loss.class_weights has {len(cw)} values for {n} classes")
-    return list(cw)
+def run_dir_for(cfg: RunConfig, fold: int | str) -> Path:
+    """runs/<train.name>/fold_<k> under train.output_dir."""
+    return RunDir.of(cfg.train.output_dir, cfg.train.name, fold).root
 
 
 def _precision(cfg: RunConfig) -> str:
@@ -308,9 +72,10 @@ def build_trainer(
             "optim.freeze_epochs: unfreezing during a multi-process run needs "
             "train.strategy=ddp_find_unused_parameters_true",
         )
+    rd = RunDir(run_dir)
     ckpt = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="best",
+        dirpath=rd.checkpoints,
+        filename=rd.best_ckpt.stem,
         monitor=monitor,
         mode="max",
         save_top_k=1,
@@ -320,8 +85,8 @@ def build_trainer(
     # last.ckpt from its own callback: Lightning 2.6 refreshes `save_last` only in epochs where the best
     # improved, which would make --resume restart from a stale epoch.
     last = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="last",
+        dirpath=rd.checkpoints,
+        filename=rd.last_ckpt.stem,
         monitor=None,
         save_top_k=1,
         every_n_epochs=1,
@@ -394,24 +159,20 @@ def train(
     check_model_config(cfg.model, cfg.data.task)
     prep = prepared or prepare_data(cfg, split_path, fold)
     run_dir = Path(run_dir) if run_dir else run_dir_for(cfg, fold)
-    last = run_dir / "checkpoints" / "last.ckpt"
+    rd = RunDir(run_dir)
+    last = rd.last_ckpt
     if resume and not last.is_file():
         raise DataError(last, "cannot resume: no last checkpoint in this run folder")
     main = is_main()  # other ranks (DDP) rerun this function; only rank 0 checks and writes the run folder
-    if (
-        main
-        and not resume
-        and (run_dir / "checkpoints").exists()
-        and any((run_dir / "checkpoints").iterdir())
-    ):
+    if main and not resume and rd.checkpoints.exists() and any(rd.checkpoints.iterdir()):
         raise DataError(
             run_dir, "already holds checkpoints; pass --resume to continue or choose another name"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.data.split = str(run_dir / "split.json")
+    cfg.data.split = str(rd.split)
     if main:
-        save_split(prep.split, run_dir / "split.json")
-        save_config(cfg, run_dir / "config.yaml")
+        save_split(prep.split, rd.split)
+        save_config(cfg, rd.config)
     train_loader, val_loader = make_loaders(cfg, prep, extra_train)
     steps = max(1, len(train_loader) // max(1, t.accumulate))
     module = TaskModule(
@@ -424,7 +185,7 @@ def train(
     if init_from is not None and not resume:
         _init_weights(module, Path(init_from))
     trainer = build_trainer(cfg, run_dir, progress=progress)
-    csv_log = run_dir / "logs" / "metrics.csv"
+    csv_log = rd.logs / "metrics.csv"
     earlier = csv_log.read_text() if resume and csv_log.is_file() else None  # CSVLogger truncates on reuse
     start = time.time()
     # fold "all" has no validation images: no validation loop, and the last weights are the run's best
@@ -453,10 +214,6 @@ def _init_weights(module: TaskModule, ckpt_path: Path) -> None:
 
 def _merge_logs(csv_log: Path, earlier: str) -> None:
     """Put the epochs logged before a resume back in front of the resumed run's rows."""
-    import io
-
-    import pandas as pd
-
     before = pd.read_csv(io.StringIO(earlier))
     after = pd.read_csv(csv_log) if csv_log.is_file() else before.iloc[:0]
     if "epoch" in after and after["epoch"].notna().any():
@@ -466,13 +223,12 @@ def _merge_logs(csv_log: Path, earlier: str) -> None:
 
 def finish_run(run_dir: Path, trainer: L.Trainer, prep: Prepared, minutes: float) -> dict:
     """metrics.json and the training-curve plot."""
-    from medstudent.evaluation.report import training_curves_png
-
     ckpt_cb = trainer.checkpoint_callback
     best = ckpt_cb.best_model_score if ckpt_cb is not None else None
+    rd = RunDir(run_dir)
     previous = {}
-    if (run_dir / "metrics.json").is_file():
-        previous = json.loads((run_dir / "metrics.json").read_text())
+    if rd.metrics.is_file():
+        previous = json.loads(rd.metrics.read_text())
     metrics = {
         "task": prep.dataset.task,
         "best_val_metric": float(best) if best is not None else None,
@@ -484,13 +240,12 @@ def finish_run(run_dir: Path, trainer: L.Trainer, prep: Prepared, minutes: float
         "n_test": len(prep.test_idx),
         "class_names": prep.dataset.class_names,
     }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    csv = run_dir / "logs" / "metrics.csv"
+    rd.metrics.write_text(json.dumps(metrics, indent=1))
+    csv = rd.logs / "metrics.csv"
     if csv.is_file():
-        training_curves_png(csv, run_dir / "training_curves.png")
-    best_path = run_dir / "checkpoints" / "best.ckpt"
-    if not best_path.is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file():
-        shutil.copy(run_dir / "checkpoints" / "last.ckpt", best_path)  # no validation ran: last is best
+        training_curves_png(csv, rd.curves)
+    if not rd.best_ckpt.is_file() and rd.last_ckpt.is_file():
+        shutil.copy(rd.last_ckpt, rd.best_ckpt)  # no validation ran: last is best
     return metrics
 
 

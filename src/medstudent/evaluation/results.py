@@ -23,6 +23,11 @@ from medstudent.errors import DataError
 KEY_COLUMNS = ("dataset", "method", "fold")
 
 
+def primary_metric(task: str) -> str:
+    """The metric CV, the self-training gate and a tuning study optimise by default (the column written)."""
+    return "mean_dice" if task == "segmentation" else "accuracy"
+
+
 def results_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """Rows -> DataFrame with the key columns first (in KEY_COLUMNS order), the rest as first seen."""
     rows = [dict(r) for r in rows]
