@@ -104,6 +104,7 @@ def few_images(synth_stas_dir, tmp_path_factory) -> Path:
     return d
 
 
+@pytest.mark.slow  # trains the tiny models (module fixtures)
 def test_export_writes_graphs_and_contract(seg_model, seg_runs, tmp_path):
     spec = json.loads((seg_model / "pipeline.json").read_text())
     assert spec["task"] == "segmentation" and spec["binary"] and spec["class_names"][0] == "background"
@@ -142,6 +143,7 @@ PARITY_CASES = {  # tta, ensemble, tile, scales (None: the pipeline's), images (
 
 
 @pytest.mark.parametrize("case", list(PARITY_CASES))
+@pytest.mark.slow  # trains the tiny models (module fixtures)
 def test_engines_agree(case, seg_model, seg_runs, few_images):
     tta, ensemble, tile, scales, which = PARITY_CASES[case]
     preds = [load_predictor(r) for r in seg_runs]
@@ -155,6 +157,7 @@ def test_engines_agree(case, seg_model, seg_runs, few_images):
         assert np.array_equal(postprocess(got, TUNED), postprocess(ref, TUNED)), path.name
 
 
+@pytest.mark.slow  # trains the tiny models (module fixtures)
 def test_onnx_scales_members_and_weights(seg_model, seg_runs, few_images):
     preds = [load_predictor(r) for r in seg_runs]
     pipe = OnnxPipeline(seg_model)
@@ -201,6 +204,7 @@ def test_sliding_window_is_monai_in_numpy():
         np.testing.assert_allclose(sliding_window(x, tile, f_np, overlap, 2), ref, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow  # trains the tiny models (module fixtures)
 def test_cli_onnx_engine_same_files_as_torch_without_importing_torch(
     seg_model, seg_runs, few_images, tmp_path
 ):
@@ -242,6 +246,7 @@ def test_cli_onnx_engine_same_files_as_torch_without_importing_torch(
         assert (out_o / "overlays" / name).is_file()
 
 
+@pytest.mark.slow  # trains the tiny models (module fixtures)
 def test_tta_passes_side_by_side_match_sequential(seg_model, few_images):
     """With two threads the runner runs TTA passes concurrently on single-threaded sessions; the
     probabilities are those of the passes run one after another."""
@@ -283,6 +288,7 @@ def test_budget_plan_rule():
     assert choose_plan(5.0, [side], task="segmentation", max_tta="d4").tta == "d4"  # 8 x 1.0 would not fit
 
 
+@pytest.mark.slow  # trains the tiny models (module fixtures)
 def test_budget_seconds_measures_and_reports(seg_model, seg_runs, few_images, tmp_path):
     one = next(few_images.glob("*.jpg"))
     s = predict_onnx_folder(
@@ -304,6 +310,7 @@ def test_budget_seconds_measures_and_reports(seg_model, seg_runs, few_images, tm
         assert ("exceeds the budget" in res.output) == (engine == "onnx")  # 1 microsecond cannot be met
 
 
+@pytest.mark.slow  # trains the tiny models (module fixtures)
 def test_int8_graphs_run_close_to_fp32(seg_model, few_images):
     img = read_image(next(few_images.glob("*.jpg")))
     fp32 = OnnxPipeline(seg_model).predict_probs(img, tta="none")
@@ -313,6 +320,7 @@ def test_int8_graphs_run_close_to_fp32(seg_model, few_images):
     assert got.shape == fp32.shape and np.abs(got - fp32).mean() < 0.02
 
 
+@pytest.mark.slow  # trains the tiny models (module fixtures)
 def test_static_int8_quantises_the_decoder_only(seg_runs, few_images, tmp_path):
     """--int8 static: calibrated QDQ graph whose convolutions with int8 weights are exactly the
     decoder's (the encoder's and the head's stay float32); it runs close to float32; without calibration
@@ -361,6 +369,7 @@ def test_static_int8_quantises_the_decoder_only(seg_runs, few_images, tmp_path):
     assert res.exit_code == 1 and "no int8 graphs" in res.output, res.output
 
 
+@pytest.mark.slow  # trains the tiny models (module fixtures)
 def test_classification_export_and_onnx_predict_csv(synth_oct_dir, tmp_path):
     cfg = load_config(
         "oct_cpu",
@@ -410,6 +419,7 @@ def test_classification_export_and_onnx_predict_csv(synth_oct_dir, tmp_path):
     assert (dt["predicted"] == do["predicted"]).all()
 
 
+@pytest.mark.slow  # trains the tiny models (module fixtures)
 def test_bad_inputs_give_one_line_errors_naming_the_file(seg_model, few_images, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

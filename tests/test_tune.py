@@ -211,6 +211,7 @@ def test_sqlite_study_resumes(synth_stas_dir, tmp_path):
     assert (out / "trials.csv").is_file() and (out / "split.json").is_file()
 
 
+@pytest.mark.slow  # trains trials
 def test_tune_cli_trains_trials(synth_stas_dir, tmp_path):
     search = {**SEARCH, "n_trials": 2, "folds": 1}
     path = config_file(synth_stas_dir, tmp_path, search, "clistudy")
