@@ -12,31 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.metrics import ConfusionMatrixDisplay
 
 from medstudent.core.overlay import mask_for, overlay, rgb
 from medstudent.errors import DataError
+from medstudent.figures import DPI, new_figure, save_figure
 
 TILE_PX = 480  # gallery tile width in pixels (<= 600 as asked for reports)
-_DPI = 100
 GT_COLOR = (0, 255, 0)
 PRED_COLOR = (255, 0, 255)
-
-
-def _new_figure(width_in: float, height_in: float, layout: str | None = None) -> Figure:
-    fig = Figure(figsize=(width_in, height_in), dpi=_DPI, layout=layout)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI)
-    return path
 
 
 def _downscale(img: np.ndarray, masks: list[np.ndarray], width: int = TILE_PX) -> tuple[np.ndarray, list]:
@@ -56,8 +42,8 @@ def _grid(n: int, aspect: float, title: str, max_cols: int = 5) -> tuple[Figure,
     n = max(n, 1)
     cols = min(max_cols, n)
     rows = math.ceil(n / cols)
-    tile_w = TILE_PX / _DPI
-    fig = _new_figure(cols * tile_w, rows * (tile_w * aspect + 0.45) + 0.5, layout="constrained")
+    tile_w = TILE_PX / DPI
+    fig = new_figure(cols * tile_w, rows * (tile_w * aspect + 0.45) + 0.5, layout="constrained")
     axes = [fig.add_subplot(rows, cols, i + 1) for i in range(rows * cols)]
     for ax in axes:
         ax.set_axis_off()
@@ -87,7 +73,7 @@ def seg_gallery_png(items: list[dict[str, Any]], path: str | Path, title: str) -
         shown = overlay(overlay(small, gt_s, GT_COLOR, alpha=0.0), pred_s, PRED_COLOR, alpha=0.0)
         ax.imshow(shown)
         ax.set_title(f"{it['id']}  Dice {float(it['dice']):.3f}", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def cls_gallery_png(items: list[dict[str, Any]], path: str | Path, title: str) -> Path:
@@ -108,7 +94,7 @@ def cls_gallery_png(items: list[dict[str, Any]], path: str | Path, title: str) -
             fontsize=9,
             color="red" if wrong else "black",
         )
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def confusion_matrix_png(cm: np.ndarray, class_names: list[str], path: str | Path, normalize: bool) -> Path:
@@ -129,7 +115,7 @@ def confusion_matrix_png(cm: np.ndarray, class_names: list[str], path: str | Pat
     else:
         values = counts
     side = max(4.0, 1.0 + 0.9 * k)
-    fig = _new_figure(side + 1.2, side)
+    fig = new_figure(side + 1.2, side)
     ax = fig.add_subplot(1, 1, 1)
     disp = ConfusionMatrixDisplay(values, display_labels=list(class_names))
     disp.plot(
@@ -141,4 +127,4 @@ def confusion_matrix_png(cm: np.ndarray, class_names: list[str], path: str | Pat
             text.set_text(f"{values[i, j]:.2f}\n({counts[i, j]})")
     ax.set_title("row-normalised (count)" if normalize else "counts")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

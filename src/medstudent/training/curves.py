@@ -11,26 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from medstudent.errors import DataError
+from medstudent.figures import new_figure, save_figure
 
-_DPI = 100
 PANEL_IN = (5.0, 3.8)  # width, height of one panel in inches
-
-
-def _new_figure(width_in: float, height_in: float) -> Figure:
-    fig = Figure(figsize=(width_in, height_in), dpi=_DPI)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI)
-    return path
 
 
 def epoch_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -83,11 +68,11 @@ def training_curves_png(metrics_csv: str | Path, path: str | Path) -> Path:
         raise DataError(metrics_csv, f"no 'epoch' column (columns: {', '.join(map(str, df.columns))})")
     table = epoch_table(df)
     if table.empty:  # e.g. stopped before the first logged step: say so rather than fail the run
-        fig = _new_figure(*PANEL_IN)
+        fig = new_figure(*PANEL_IN)
         fig.text(0.5, 0.5, f"{metrics_csv}:\nno metric logged yet", ha="center", va="center", fontsize=9)
-        return _save(fig, path)
+        return save_figure(fig, path)
     panels = curve_panels(table.columns)
-    fig = _new_figure(PANEL_IN[0] * len(panels), PANEL_IN[1])
+    fig = new_figure(PANEL_IN[0] * len(panels), PANEL_IN[1])
     for i, (title, cols) in enumerate(panels.items()):
         ax = fig.add_subplot(1, len(panels), i + 1)
         for c in cols:
@@ -101,4 +86,4 @@ def training_curves_png(metrics_csv: str | Path, path: str | Path) -> Path:
         ax.legend(fontsize=8)
     fig.suptitle("/".join(metrics_csv.parts[-3:-1]) or metrics_csv.name, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
