@@ -24,8 +24,8 @@ from typer.testing import CliRunner
 from conftest import TINY_SEG
 from medstudent.cli import app
 from medstudent.config import load_config
-from medstudent.errors import ConfigError
-from medstudent.experiments.hpo import objective_value, parse_search, run_study, trial_config
+from medstudent.errors import ConfigError, DataError
+from medstudent.experiments.hpo import masked_url, objective_value, parse_search, run_study, trial_config
 
 runner = CliRunner()
 TINY = [
@@ -310,7 +310,7 @@ def postgres_url():
         shutil.rmtree(base, ignore_errors=True)
         pytest.skip(f"PostgreSQL did not start: {log.strip().splitlines()[-1:]}")
     try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"  # the README's form
     finally:
         pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
         shutil.rmtree(base, ignore_errors=True)
@@ -371,3 +371,27 @@ def test_two_workers_share_a_postgresql_study(postgres_url, synth_stas_dir, tmp_
         best = json.loads((tmp_path / f"machine_{me}" / "best.json").read_text())
         assert best["storage"].startswith("postgresql+psycopg2://postgres@127.0.0.1")
         assert any((tmp_path / f"machine_{me}" / "trials").iterdir())
+
+
+def test_storage_urls_never_show_a_password():
+    for url, shown in (
+        ("postgresql://alice:s3cret@db.example/optuna", "postgresql://alice:***@db.example/optuna"),
+        (
+            "postgresql://alice:p@ss/w@rd@db.example:5432/optuna",
+            "postgresql://alice:***@db.example:5432/optuna",
+        ),
+        ("postgresql://alice@db.example/optuna", "postgresql://alice@db.example/optuna"),
+        ("sqlite:////tmp/study.db", "sqlite:////tmp/study.db"),
+    ):
+        assert masked_url(url) == shown
+        assert "s3cret" not in masked_url(url) and "ss/w" not in masked_url(url)
+
+
+def test_postgresql_url_of_the_readme_finds_its_driver(tmp_path):
+    """SQLAlchemy 2.1 runs postgresql:// with psycopg 3: the dev extra installs it, so a plain URL gets as
+    far as connecting (nothing listens on this port) instead of 'database driver missing'."""
+    from medstudent.experiments.hpo import _storage
+
+    with pytest.raises(DataError, match="cannot open") as e:
+        _storage("postgresql://alice:s3cret@127.0.0.1:1/optuna")
+    assert "driver missing" not in str(e.value) and "s3cret" not in str(e.value)

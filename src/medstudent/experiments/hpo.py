@@ -106,12 +106,18 @@ def default_out(cfg: RunConfig) -> Path:
 
 
 def masked_url(url: str) -> str:
-    try:
-        from sqlalchemy.engine import make_url
+    """The storage URL with its password replaced by ***, for messages.
 
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - only for display
-        return url.split("@")[-1]
+    Written by hand rather than with SQLAlchemy's `make_url(...).render_as_string(hide_password=True)`:
+    a password with an unescaped '@' or '/' is mis-parsed there and its tail shown. Here the host is what
+    follows the last '@', and everything between the user name's ':' and it is hidden.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    userinfo, _, host = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{host}"
 
 
 def _storage(url: str) -> Any:
