@@ -486,6 +486,41 @@ def test_epochs_that_fit_the_time_budget():
     assert epochs_that_fit(120, 2, 1000, 52, 2) == 16  # 16.7 fit -> 16, a validated epoch
     assert epochs_that_fit(60, 2, 6000, 52, 2) == 52  # everything fits: the configured number
     assert epochs_that_fit(600, 2, 300, 52, 2) == 2  # already over: never fewer than done
+    # at the recent pace: 30 done in 1800 s, now 90 s per epoch, 1800 s left -> 30 + 20
+    assert epochs_that_fit(1800, 30, 3600, 100, 1, recent_s_per_epoch=90) == 50
+
+
+def test_time_budget_holds_when_the_machine_slows_down_half_way(monkeypatch):
+    """An injected clock: 60 s per epoch for 30 epochs, then 30% slower. The first plan (58 epochs) would
+    end after 66.7 min, past the 60-minute cap, cutting the cosine; re-planned at every validated epoch
+    the run and its LR horizon end inside the budget, with the horizon at the last epoch run."""
+    from types import SimpleNamespace
+
+    import medstudent.training.callbacks as callbacks_mod
+
+    now = [0.0]
+    monkeypatch.setattr(callbacks_mod, "_clock", lambda: now[0])
+    for val_every in (1, 2):
+        now[0] = 0.0
+        cb = callbacks_mod.FitEpochsToTime(60, val_every)  # budget 60 min x 0.97 margin
+        trainer = SimpleNamespace(
+            current_epoch=0,
+            fit_loop=SimpleNamespace(max_epochs=100),
+            strategy=SimpleNamespace(broadcast=lambda v, src=0: v),
+            is_global_zero=False,
+        )
+        cb.on_train_start(trainer, None)
+        first_plan, epoch = None, 0
+        while epoch < trainer.fit_loop.max_epochs:
+            now[0] += 60.0 if epoch < 30 else 78.0
+            trainer.current_epoch = epoch
+            cb.on_train_epoch_end(trainer, None)
+            first_plan = first_plan or cb.planned
+            epoch += 1
+        assert first_plan == 58  # the one-shot plan of before
+        assert 30 * 60 + (first_plan - 30) * 78 > cb.budget_s  # ... which would have overrun
+        assert now[0] <= cb.budget_s and epoch == trainer.fit_loop.max_epochs  # cosine ends in time
+        assert epoch >= 45 and epoch % val_every == 0
 
 
 @pytest.mark.slow  # trains a model
@@ -513,7 +548,7 @@ def test_fit_epochs_to_time_ends_run_and_cosine_inside_the_budget(synth_stas_dir
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["lr_schedulers"][0]["_last_lr"][0] == pytest.approx(cfg.optim.lr * 0.01, rel=1e-3)
     state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("FitEpochsToTime"))
-    assert state == {"planned": 3}
+    assert state["planned"] == 3 and state["spent_s"] > 0
     # --resume: the restored plan is applied again before training continues
     cb = callbacks_mod.FitEpochsToTime(2, 1)
     cb.load_state_dict(state)
