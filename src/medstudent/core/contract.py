@@ -12,9 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medstudent.config import PostprocessConfig, valid_tta_scales
 from medstudent.core.tta import TTA_SETS
@@ -40,16 +40,22 @@ class PreprocessSpec(_Spec):
 
     task: Literal["segmentation", "classification"]
     version: int = 1
-    scale: float = 1.0
-    resize: list[int] | None = None
-    pad_multiple: int = 32
-    pad_value: int = 0
+    scale: float = Field(1.0, gt=0, le=16, allow_inf_nan=False)
+    resize: list[Annotated[int, Field(ge=1, le=65536)]] | None = Field(None, min_length=2, max_length=2)
+    pad_multiple: int = Field(32, ge=1, le=1024)
+    pad_value: int = Field(0, ge=0, le=255)
     grayscale: bool = False
-    in_channels: int = 3
-    center_crop: int | None = None
-    image_size: int | None = None
-    mean: list[float]
-    std: list[float]
+    in_channels: Literal[1, 3] = 3
+    center_crop: int | None = Field(None, ge=1, le=65536)
+    image_size: int | None = Field(None, ge=1, le=65536)
+    mean: list[Annotated[float, Field(allow_inf_nan=False)]]
+    std: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]]
+
+    @model_validator(mode="after")
+    def _one_value_per_channel(self) -> PreprocessSpec:
+        if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
+            raise ValueError(f"mean and std need {self.in_channels} value(s) each (in_channels)")
+        return self
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -58,13 +64,13 @@ class PreprocessSpec(_Spec):
 class WindowSpec(_Spec):
     """When and how a segmentation input is predicted window by window (`core.tiling`)."""
 
-    tile: int | None = None  # always tile with this size (model resolution)
-    default_tile: int = DEFAULT_TILE  # the size used when an input exceeds max_full_pixels
-    max_full_pixels: int = 2200 * 2200
+    tile: int | None = Field(None, ge=1, le=65536)  # always tile with this size (model resolution)
+    default_tile: int = Field(DEFAULT_TILE, ge=1, le=65536)  # the size when an input exceeds max_full_pixels
+    max_full_pixels: int = Field(2200 * 2200, ge=1)
     overlap: float = Field(0.25, ge=0, lt=1)
     mode: Literal["gaussian"] = "gaussian"
-    sigma_scale: float = SIGMA_SCALE
-    sw_batch_size: int = Field(SW_BATCH_SIZE, ge=1)
+    sigma_scale: float = Field(SIGMA_SCALE, gt=0, le=10, allow_inf_nan=False)
+    sw_batch_size: int = Field(SW_BATCH_SIZE, ge=1, le=1024)
 
     def tile_for(self, height: int, width: int, tile: int | None = None) -> int | None:
         """The window size for an input of height x width, or None to predict it whole: tile when asked
@@ -83,7 +89,7 @@ class MemberSpec(_Spec):
 
     preprocess: PreprocessSpec
     sliding_window: WindowSpec = Field(default_factory=WindowSpec)
-    weight: float = Field(1.0, ge=0)
+    weight: float = Field(1.0, ge=0, allow_inf_nan=False)
     file: str | None = None
     int8_file: str | None = None
     sha256: str | None = None
@@ -92,7 +98,7 @@ class MemberSpec(_Spec):
 
 class EnsembleSpec(_Spec):
     mode: Literal["mean", "vote"] = "mean"
-    weights: list[float] | None = None
+    weights: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
 
 
 class PipelineSpec(_Spec):
@@ -101,7 +107,7 @@ class PipelineSpec(_Spec):
     format: Literal["medstudent-onnx-pipeline"] = PIPELINE_FORMAT
     format_version: int = PIPELINE_VERSION
     task: Literal["segmentation", "classification"]
-    class_names: list[str]
+    class_names: list[str] = Field(min_length=1)
     binary: bool = False
     tta: Literal["none", "flip", "d4"] = "none"
     tta_scales: list[float] = Field(default_factory=lambda: [1.0])
@@ -111,11 +117,29 @@ class PipelineSpec(_Spec):
 
     @field_validator("tta_scales", mode="before")
     @classmethod
-    def _scales(cls, v: Any) -> Any:
-        v = v or [1.0]  # pipelines exported before multi-scale TTA: one scale
-        if not valid_tta_scales([float(f) for f in v]):
+    def _one_scale_by_default(cls, v: Any) -> Any:
+        return [1.0] if v is None or v == [] else v  # pipelines exported before multi-scale TTA: one scale
+
+    @field_validator("tta_scales")
+    @classmethod
+    def _scales_in_range(cls, v: list[float]) -> list[float]:
+        if not valid_tta_scales(v):
             raise ValueError(f"tta_scales needs one or more factors in [0.1, 4], got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineSpec:
+        if self.ensemble.weights is not None and len(self.ensemble.weights) != len(self.members):
+            raise ValueError(
+                f"ensemble.weights has {len(self.ensemble.weights)} values for {len(self.members)} members"
+            )
+        if any(m.preprocess.task != self.task for m in self.members):
+            raise ValueError(f"a member's preprocess.task is not the pipeline's task ({self.task})")
+        if self.task == "classification" and self.binary:
+            raise ValueError("binary is for segmentation pipelines")
+        if self.binary and len(self.class_names) != 2:
+            raise ValueError("a binary pipeline has two class names (background and foreground)")
+        return self
 
     def member_weights(self) -> list[float]:
         """Each member's weight, normalised (the ensemble's weights when given, else the members')."""

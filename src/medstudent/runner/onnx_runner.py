@@ -110,6 +110,7 @@ class OnnxPipeline:
                 sess = ort.InferenceSession(str(file), so, providers=["CPUExecutionProvider"])
             except Exception as e:  # noqa: BLE001 - any load failure is a bad model file
                 raise DataError(file, f"cannot load ONNX graph ({type(e).__name__}: {e})") from e
+            _check_outputs(sess, self.spec, file)
             self.members.append(Member(file, sess))
 
     # ------------------------------------------------------------------------------------------- facts
@@ -184,6 +185,16 @@ class OnnxPipeline:
     def calibrate(self, image: np.ndarray, budget_s: float, **options) -> BudgetPlan:
         """`core.budget.calibrate` with this engine."""
         return calibrate(self, image, budget_s, **options)
+
+
+def _check_outputs(session: ort.InferenceSession, spec: PipelineSpec, file: Path) -> None:
+    """The graph's output channels must be what the contract reads: 1 for binary maps, one per class
+    otherwise (a graph from another export, or an edited pipeline.json, is refused here, not mis-read)."""
+    expected = 1 if spec.binary else len(spec.class_names)
+    shape = session.get_outputs()[0].shape
+    channels = shape[1] if len(shape) > 1 else None
+    if isinstance(channels, int) and channels != expected:
+        raise DataError(file, f"the graph gives {channels} channel(s), pipeline.json expects {expected}")
 
 
 def predict_onnx_folder(
