@@ -540,8 +540,14 @@ def evaluate_cmd(
         Path, typer.Argument(help="ground truth: data set root, labelme folder, mask folder, classes")
     ],
     out: Annotated[Path, typer.Option("-o", "--out", help="report folder")],
+    iou: Annotated[float, typer.Option(help="segmentation: IoU at which a lesion counts as found")] = 0.5,
+    tolerance: Annotated[float, typer.Option(help="segmentation: surface Dice tolerance in pixels")] = 2.0,
+    mpp: Annotated[
+        float | None, typer.Option(help="micrometres per pixel: lesion size bins also in um^2")
+    ] = None,
 ) -> None:
-    """Score predictions: Dice/IoU/precision/recall per image, or accuracy/F1/AUC/sensitivity/specificity."""
+    """Score predictions: Dice/IoU/precision/recall per image, lesions found by size, boundary distances;
+    or accuracy/F1/AUC/sensitivity/specificity."""
     from medstudent.evaluation.evaluate import (  # deferred: imports matplotlib, scikit-learn
         evaluate_classification,
         evaluate_segmentation,
@@ -565,8 +571,9 @@ def evaluate_cmd(
         )
         console.print(per_class_table(m))
     else:
-        s = evaluate_segmentation(pred, gt, out)
+        s = evaluate_segmentation(pred, gt, out, iou=iou, tolerance_px=tolerance, mpp=mpp)
         lo, hi = s["mean_dice_ci95"]
+        flo, fhi = s["lesion_f1_ci95"]
         console.print(
             _kv_table(
                 "segmentation",
@@ -576,6 +583,10 @@ def evaluate_cmd(
                     "pooled Dice": f"{s['pooled_dice']:.4f}",
                     "mean IoU": f"{s['mean_iou']:.4f}",
                     "precision / recall": f"{s['mean_precision']:.3f} / {s['mean_recall']:.3f}",
+                    f"lesions (IoU >= {iou:g}) TP / FP / FN": f"{s['lesions_tp']} / {s['lesions_fp']} / "
+                    f"{s['lesions_fn']}, F1 {s['lesion_f1']:.3f} (95% CI {flo:.3f}-{fhi:.3f})",
+                    "HD95 / surface Dice": f"{s['mean_hd95_px']:.1f} px / {s['mean_surface_dice']:.3f} "
+                    f"(tolerance {tolerance:g} px)",
                 },
             )
         )

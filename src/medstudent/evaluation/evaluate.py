@@ -20,6 +20,8 @@ from medstudent.data.io import IMAGE_EXTS, list_images, read_image, read_mask
 from medstudent.data.labelme import labelme_to_mask
 from medstudent.data.layouts import ClassificationDataset, SegmentationDataset, detect_layout, open_dataset
 from medstudent.errors import DataError
+from medstudent.evaluation.lesions import boundary_scores, detection_scores, match_lesions, size_table
+from medstudent.evaluation.metrics import bootstrap_ci
 from medstudent.evaluation.report import cls_gallery_png, confusion_matrix_png, seg_gallery_png
 from medstudent.evaluation.scoring import cls_summary, seg_row, seg_summary
 
@@ -57,8 +59,18 @@ def _gt_loaders(gt: Path) -> tuple[dict, dict]:
 
 
 def evaluate_segmentation(
-    pred: str | Path, gt: str | Path, out: str | Path, n_worst: int = 10, seed: int = 0
+    pred: str | Path,
+    gt: str | Path,
+    out: str | Path,
+    n_worst: int = 10,
+    seed: int = 0,
+    iou: float = 0.5,
+    tolerance_px: float = 2.0,
+    mpp: float | None = None,
 ) -> dict:
+    """Pixel scores (the one scorer), lesion detection (matched at `iou`), lesion recall and Dice by lesion
+    size (px, and um^2 with `mpp`), HD95 and surface Dice at `tolerance_px`; per_image.csv,
+    lesions_by_size.csv, summary.json and the worst-cases gallery under `out`."""
     pred, out = Path(pred), Path(out)
     preds = _pred_masks(pred)
     loaders, images = _gt_loaders(Path(gt))
@@ -67,7 +79,7 @@ def evaluate_segmentation(
         raise DataError(
             pred, f"has no prediction for {len(missing)} ground-truth image(s), e.g. {missing[0]}"
         )
-    rows, pm, gm = [], [], []
+    rows, pm, gm, matches = [], [], [], []
     for stem in sorted(loaders):
         g = loaders[stem]() > 0
         p = read_mask(preds[stem]) > 0
@@ -76,14 +88,24 @@ def evaluate_segmentation(
                 preds[stem],
                 f"prediction is {p.shape[1]}x{p.shape[0]}, ground truth {g.shape[1]}x{g.shape[0]}",
             )
-        rows.append(seg_row(stem, g, mask=p)[0])  # masks from `predict` are already post-processed
+        row = seg_row(stem, g, mask=p)[0]  # masks from `predict` are already post-processed
+        match = match_lesions(p, g, iou)
+        row.update({"lesion_tp": match["tp"], "lesion_fp": match["fp"], "lesion_fn": match["fn"]})
+        row.update(detection_scores(match["tp"], match["fp"], match["fn"]))
+        row.update(boundary_scores(p, g, tolerance_px))
+        rows.append(row)
+        matches.append(match)
         pm.append(p)
         gm.append(g)
     df = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "per_image.csv", index=False)
     scores = seg_summary(rows, n_boot=2000, seed=seed)
-    summary = {"images": scores.pop("n_images"), **scores}
+    summary = {"images": scores.pop("n_images"), **scores, **lesion_summary(df, matches, seed, iou)}
+    summary.update(boundary_summary(df, tolerance_px, seed))
+    by_size = size_table(matches, mpp=mpp)
+    summary["lesions_by_size"] = by_size
+    pd.DataFrame(by_size).to_csv(out / "lesions_by_size.csv", index=False)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     worst = df.nsmallest(n_worst, "dice")
     gallery = []
@@ -99,6 +121,37 @@ def evaluate_segmentation(
             gallery, out / "worst.png", f"worst {len(gallery)} by Dice (green: truth, red: predicted)"
         )
     return summary
+
+
+def lesion_summary(df: pd.DataFrame, matches: list[dict], seed: int, iou: float) -> dict:
+    """Pooled lesion counts and precision/recall/F1 over all images, each with a bootstrap CI (images
+    resampled with replacement, the pooled figure recomputed)."""
+    counts = df[["lesion_tp", "lesion_fp", "lesion_fn"]].to_numpy()
+    pooled = detection_scores(*map(int, counts.sum(0)))
+    rng = np.random.default_rng(seed)
+    draws = (counts[rng.integers(0, len(counts), len(counts))].sum(0) for _ in range(1000))
+    boot = [detection_scores(*map(int, d)) for d in draws]
+    out: dict = {"lesion_match": f"8-connected components, one-to-one at IoU >= {iou}"}
+    out.update({f"lesions_{k}": int(v) for k, v in zip(("tp", "fp", "fn"), counts.sum(0), strict=True)})
+    for key, value in pooled.items():
+        vals = np.array([b[key] for b in boot])
+        out[key] = value
+        out[f"{key}_ci95"] = [float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))]
+    return out
+
+
+def boundary_summary(df: pd.DataFrame, tolerance_px: float, seed: int) -> dict:
+    """Mean HD95 over the images where both masks have a boundary, mean surface Dice over all, with CIs."""
+    hd = df["hd95_px"].dropna().to_numpy()
+    nsd = df["surface_dice"].to_numpy()
+    return {
+        "mean_hd95_px": float(hd.mean()) if len(hd) else float("nan"),
+        "mean_hd95_px_ci95": list(bootstrap_ci(hd, seed=seed)),
+        "hd95_images": int(len(hd)),
+        "mean_surface_dice": float(nsd.mean()),
+        "mean_surface_dice_ci95": list(bootstrap_ci(nsd, seed=seed)),
+        "surface_dice_tolerance_px": tolerance_px,
+    }
 
 
 def evaluate_classification(
