@@ -369,7 +369,7 @@ def test_two_workers_share_a_postgresql_study(postgres_url, synth_stas_dir, tmp_
     assert workers == {str(p.pid) for p in procs}  # both workers contributed trials
     for me in ("a", "b"):  # each "machine" keeps its own trial folders and the study report
         best = json.loads((tmp_path / f"machine_{me}" / "best.json").read_text())
-        assert best["storage"].startswith("postgresql+psycopg2://postgres@127.0.0.1")
+        assert best["storage"].startswith("postgresql://postgres@127.0.0.1")  # the README form, psycopg 3
         assert any((tmp_path / f"machine_{me}" / "trials").iterdir())
 
 

@@ -53,6 +53,11 @@ class RunDir:
         return self.root / "split.json"
 
     @property
+    def env(self) -> Path:
+        """Versions, hardware, seed, precision and the data fingerprint (`provenance.write_env`)."""
+        return self.root / "env.json"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics.json"
 

@@ -34,7 +34,9 @@ from medstudent.data.io import list_images, read_image
 from medstudent.data.preprocess import apply_eval_contract
 from medstudent.errors import DataError
 from medstudent.inference.engine import pipeline_spec
+from medstudent.inference.model_card import model_card, read_json, run_dir_of
 from medstudent.inference.runs import Predictor, expand_runs, load_predictor
+from medstudent.provenance import write_env
 
 MIN_OPSET = 17
 
@@ -347,6 +349,9 @@ def export_runs(
     for key, value in notes.items():
         setattr(spec, key, value)
     write_pipeline(spec, out)
+    first_env = read_json(run_dir_of(preds[0]).env)
+    write_env(out / "env.json", preds[0].cfg.train.seed, None, first_env.get("data_fingerprint"))
+    (out / "MODEL_CARD.md").write_text(model_card(spec, preds))
     return spec.model_dump(mode="json")
 
 

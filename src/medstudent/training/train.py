@@ -39,6 +39,7 @@ from medstudent.distributed import is_main
 from medstudent.errors import ConfigError, DataError
 from medstudent.models import check_model_config
 from medstudent.precision import accelerator_device_type, resolve_precision
+from medstudent.provenance import data_fingerprint, dataset_files, write_env
 from medstudent.rundir import RunDir
 from medstudent.training.callbacks import EpochAwareTransforms, FitEpochsToTime, RankReport
 from medstudent.training.curves import training_curves_png
@@ -173,6 +174,8 @@ def train(
     if main:
         save_split(prep.split, rd.split)
         save_config(cfg, rd.config)
+        fingerprint = data_fingerprint(dataset_files(prep.dataset))
+        write_env(rd.env, cfg.train.seed, cfg.train.precision, fingerprint)
     train_loader, val_loader = make_loaders(cfg, prep, extra_train)
     steps = max(1, len(train_loader) // max(1, t.accumulate))
     module = TaskModule(

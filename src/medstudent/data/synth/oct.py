@@ -13,6 +13,7 @@ from numpy.typing import ArrayLike
 from PIL import Image
 from scipy import ndimage as ndi
 
+from medstudent.data.synth.marker import mark_synthetic
 from medstudent.data.synth.shapes import smooth_noise
 
 OCT_CLASSES = ("CNV", "DME", "DRUSEN", "NORMAL")
@@ -271,4 +272,5 @@ def synth_oct(
             im = Image.fromarray(_render_oct(urng, cls, size, w, difficulty))
             im = im if grey else im.convert("RGB")
             im.save(out / "unlabeled" / f"unlabeled-{i:05d}.jpeg", quality=92)
+    mark_synthetic(out, "OCT", seed)
     return out

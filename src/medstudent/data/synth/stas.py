@@ -16,6 +16,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
 from medstudent.data.labelme import mask_to_labelme, write_labelme
+from medstudent.data.synth.marker import mark_synthetic
 from medstudent.data.synth.shapes import blob_polygons, disk, draw_polys, smooth_noise, unit, upsample
 
 # Ruifrok & Johnston optical densities (per unit concentration); tuned slightly so eosin reads as H&E pink.
@@ -361,4 +362,5 @@ def synth_stas(
         rng = np.random.default_rng([seed, 1, i])
         image, _ = render_stas(rng, width, height, with_stas=bool(rng.random() > empty_fraction))
         Image.fromarray(image).save(unl_dir / f"Unlabeled_{i:08d}.jpg", quality=92)
+    mark_synthetic(out, "STAS", seed)
     return out
