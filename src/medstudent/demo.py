@@ -23,7 +23,7 @@ from rich.table import Table
 
 from medstudent.config import load_config
 from medstudent.core.folder import collect_images, predict_folder
-from medstudent.core.overlay import overlay
+from medstudent.core.overlay import PREDICTION_COLOR, TRUTH_COLOR, overlay
 from medstudent.data.io import read_image, read_mask
 from medstudent.data.layouts import open_classification, open_segmentation
 from medstudent.data.splits import make_split, save_split, split_from_folders
@@ -173,8 +173,8 @@ def _stas_html(
         img = read_image(p)
         gt = read_mask(gt_dir / f"{p.stem}.png")
         pm = read_mask(pred_dir / "masks" / f"{p.stem}.png")
-        Image.fromarray(overlay(img, gt, color=(0, 200, 0))).save(out / "html" / f"{p.stem}_gt.png")
-        Image.fromarray(overlay(img, pm, color=(255, 0, 255))).save(out / "html" / f"{p.stem}_pred.png")
+        Image.fromarray(overlay(img, gt, color=TRUTH_COLOR)).save(out / "html" / f"{p.stem}_gt.png")
+        Image.fromarray(overlay(img, pm, color=PREDICTION_COLOR)).save(out / "html" / f"{p.stem}_pred.png")
         d = per.loc[p.stem, "dice"] if p.stem in per.index else float("nan")
         rows.append(
             f"<tr><td>{html.escape(p.stem)}</td><td>{d:.3f}</td>"
@@ -188,7 +188,7 @@ def _stas_html(
         "<!doctype html><html><head><meta charset='utf-8'><title>medstudent STAS demo</title><style>"
         "body{font-family:sans-serif;margin:2em} td{padding:4px 8px;vertical-align:top} img{max-width:420px}"
         "</style></head><body><h1>medstudent STAS demo</h1><h2>Mean Dice on held-out images</h2>"
-        f"<table border=1>{summary}</table><h2>Test images</h2><p>green: ground truth, magenta: prediction "
+        f"<table border=1>{summary}</table><h2>Test images</h2><p>green: ground truth, yellow: prediction "
         "(flip TTA + tuned post-processing); labelme JSON of predictions in pred/labelme/</p>"
         "<table border=1><tr><th>image</th><th>Dice</th><th>truth</th><th>prediction</th></tr>"
         f"{''.join(rows)}"

@@ -117,9 +117,7 @@ def evaluate_segmentation(
         )
         gallery.append({"id": r["id"], "image": image, "gt": gm[k], "pred": pm[k], "dice": float(r["dice"])})
     if gallery:
-        seg_gallery_png(
-            gallery, out / "worst.png", f"worst {len(gallery)} by Dice (green: truth, red: predicted)"
-        )
+        seg_gallery_png(gallery, out / "worst.png", f"worst {len(gallery)} by Dice")
     return summary
 
 

@@ -16,13 +16,11 @@ from matplotlib.figure import Figure
 from PIL import Image
 from sklearn.metrics import ConfusionMatrixDisplay
 
-from medstudent.core.overlay import mask_for, overlay, rgb
+from medstudent.core.overlay import MISSED_COLOR, PREDICTION_COLOR, TRUTH_COLOR, mask_for, overlay, rgb
 from medstudent.errors import DataError
 from medstudent.figures import DPI, new_figure, save_figure
 
 TILE_PX = 480  # gallery tile width in pixels (<= 600 as asked for reports)
-GT_COLOR = (0, 255, 0)
-PRED_COLOR = (255, 0, 255)
 
 
 def _downscale(img: np.ndarray, masks: list[np.ndarray], width: int = TILE_PX) -> tuple[np.ndarray, list]:
@@ -57,12 +55,17 @@ def _aspect(items: list[dict]) -> float:
 
 
 def seg_gallery_png(items: list[dict[str, Any]], path: str | Path, title: str) -> Path:
-    """Tiles of images with ground truth (green) and prediction (magenta) outlines, titled "id  Dice".
+    """Tiles of images titled "id  Dice": ground truth outlined green, prediction yellow; missed pixels (false
+    negatives) filled cyan, false-positive pixels filled yellow, so each kind of error shows on H&E.
 
     `items`: dicts with "id", "image" (HxWx3 uint8), "gt", "pred" (masks) and "dice"; shown in the given
     order (pass them worst first for a worst-10 gallery).
     """
-    fig, axes = _grid(len(items), _aspect(items), f"{title}\ngreen: ground truth, magenta: prediction")
+    fig, axes = _grid(
+        len(items),
+        _aspect(items),
+        f"{title}\ngreen: truth  yellow: predicted  cyan: missed",
+    )
     if not items:
         axes[0].text(0.5, 0.5, "no items", ha="center", va="center")
     for ax, it in zip(axes, items, strict=False):
@@ -70,7 +73,9 @@ def seg_gallery_png(items: list[dict[str, Any]], path: str | Path, title: str) -
         gt = mask_for(it["gt"], img.shape, f"gt of {it['id']}")
         pred = mask_for(it["pred"], img.shape, f"pred of {it['id']}")
         small, (gt_s, pred_s) = _downscale(img, [gt, pred])
-        shown = overlay(overlay(small, gt_s, GT_COLOR, alpha=0.0), pred_s, PRED_COLOR, alpha=0.0)
+        shown = overlay(small, gt_s & ~pred_s, MISSED_COLOR, alpha=0.45, contour=False)
+        shown = overlay(shown, pred_s & ~gt_s, PREDICTION_COLOR, alpha=0.45, contour=False)
+        shown = overlay(overlay(shown, gt_s, TRUTH_COLOR, alpha=0.0), pred_s, PREDICTION_COLOR, alpha=0.0)
         ax.imshow(shown)
         ax.set_title(f"{it['id']}  Dice {float(it['dice']):.3f}", fontsize=9)
     return save_figure(fig, path)
