@@ -6,6 +6,7 @@ runs/<name>/fold_<k>/
   checkpoints/          best.ckpt (by val_metric) and last.ckpt (for --resume)
   logs/                 CSV and TensorBoard logs
   metrics.json          best validation metric, epochs, minutes, sizes
+  env.json              versions, commit, hardware, seed, precision, data fingerprint (provenance)
   training_curves.png
   postprocess.json      tuned post-processing (medstudent tune-postprocess), used by predict
   oof.csv               out-of-fold scores written by `medstudent cv`

@@ -1,13 +1,5 @@
-"""`medstudent train`: one entry for both tasks, writing the nnU-Net-style run tree
-
-runs/<name>/fold_<k>/
-  config.yaml           the resolved configuration (what was really run)
-  split.json            the split used (copied, so the run folder is self-contained)
-  checkpoints/          best.ckpt (by val_metric) and last.ckpt (for --resume)
-  logs/                 CSV and TensorBoard logs
-  metrics.json          best validation metric, epochs, minutes, sizes
-  training_curves.png   loss, validation metric, augmentation policy and learning rate per epoch
-  postprocess.json      tuned post-processing (medstudent tune-postprocess), used by predict
+"""`medstudent train`: one entry for both tasks, writing the nnU-Net-style run tree that `rundir.RunDir`
+describes (config, split, checkpoints, logs, metrics, curves, env.json).
   predictions/val/      validation probability maps written by tune-postprocess
 """
 
