@@ -1,6 +1,5 @@
 """`medstudent train`: one entry for both tasks, writing the nnU-Net-style run tree that `rundir.RunDir`
 describes (config, split, checkpoints, logs, metrics, curves, env.json).
-  predictions/val/      validation probability maps written by tune-postprocess
 """
 
 from __future__ import annotations
