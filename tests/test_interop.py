@@ -93,6 +93,17 @@ def test_nnunet_round_trip(stas_split, nnunet_export):
     ]
 
 
+def test_data_split_from_nnunet(stas_split, nnunet_export, tmp_path):
+    ds, split, _ = stas_split
+    out = tmp_path / "s.json"
+    run("data", "split", nnunet_export, "--from-nnunet", nnunet_export / "splits_final.json", "-o", out)
+    sp = load_split(out, open_dataset(nnunet_export))  # a plain medstudent split now: every command reads it
+    cases = case_ids(ds)
+    assert sp["test"] == sorted(cases[i] for i in split["test"]) and len(sp["folds"]) == 3
+    res = run("data", "split", ds.root, "--from-nnunet", nnunet_export / "splits_final.json", code=1)
+    assert "needs an nnU-Net raw data set folder" in res.output
+
+
 def test_export_nnunet_without_split(synth_stas_dir, tmp_path):
     out = tmp_path / "Dataset002_All"
     run("data", "export-nnunet", synth_stas_dir, "-o", out)

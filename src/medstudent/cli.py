@@ -162,19 +162,27 @@ def data_split(
     from_folders: Annotated[
         bool, typer.Option(help="classification: use the train/val/test folders as given")
     ] = False,
+    from_nnunet: Annotated[
+        Path | None,
+        typer.Option(help="nnU-Net folder: convert this splits_final.json (its folds, imagesTs = test)"),
+    ] = None,
     empty_if_missing: EmptyIfMissing = False,
 ) -> None:
     """A fixed test set plus k stratified (and patient-grouped) folds, as a JSON every command accepts."""
     # deferred: data.splits imports scikit-learn
     from medstudent.data.layouts import KERMANY_GROUP_REGEX, ClassificationDataset, open_dataset
-    from medstudent.data.splits import make_split, save_split, split_from_folders
+    from medstudent.data.splits import load_split, make_split, save_split, split_from_folders
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = open_dataset(
             root, empty_if_missing=empty_if_missing, group_regex=group_regex or KERMANY_GROUP_REGEX
         )
-        if isinstance(ds, ClassificationDataset):
+        if from_nnunet is not None:
+            if getattr(ds, "format", None) != "nnunet":
+                raise DataError(root, "--from-nnunet needs an nnU-Net raw data set folder")
+            split = load_split(from_nnunet, ds)  # type: ignore[arg-type]
+        elif isinstance(ds, ClassificationDataset):
             split = split_from_folders(ds) if from_folders else make_split(ds, test_fraction, folds, seed)
         elif from_folders:
             raise DataError(root, "--from-folders is for classification folders")
