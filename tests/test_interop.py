@@ -179,8 +179,12 @@ def test_nnunet_bad_input_is_one_line_naming_the_file(tmp_path):
     (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {}}))
     with pytest.raises(DataError, match="dataset.json: has no file_ending"):
         open_dataset(root)
+    root = _tiny_nnunet(tmp_path / "c")
+    shutil.copy(root / "imagesTr" / "c1_0000.png", root / "imagesTr" / "c1_0001.png")
+    with pytest.raises(DataError, match=r"c1_0001\.png: a second input channel"):
+        open_dataset(root)
     (root / "splits_final.json").write_text("[]")
-    with pytest.raises(DataError, match="use it with its nnU-Net data set"):
+    with pytest.raises(DataError, match="not a medstudent split file.*--from-nnunet"):
         load_split(root / "splits_final.json")
 
 

@@ -188,6 +188,10 @@ def open_nnunet(root: str | Path) -> SegmentationDataset:
         if not is_folder(img_dir) or (sub == "Ts" and not is_folder(lab_dir)):
             continue
         images = _cases(img_dir, ending, "_0000")
+        more = _cases(img_dir, ending, "_0001")
+        if more:  # channels in separate files (MRI sequences...): reading _0000 alone would drop data
+            first = next(iter(more.values()))
+            raise DataError(first, "a second input channel file; only one image file per case is read")
         labels = _cases(lab_dir, ending, "") if is_folder(lab_dir) else {}
         for case, img in images.items():
             if case not in labels:

@@ -185,7 +185,11 @@ def load_split(path: str | Path, ds: SegmentationDataset | ClassificationDataset
     if isinstance(split, list):  # nnU-Net's splits_final.json: its case ids only mean something in its folder
         if isinstance(ds, SegmentationDataset) and ds.format == "nnunet":
             return nnunet_split(path, ds)
-        raise DataError(path, "an nnU-Net splits_final.json; use it with its nnU-Net data set folder")
+        raise DataError(
+            path,
+            "not a medstudent split file (a list, as nnU-Net's splits_final.json; convert one with "
+            "`medstudent data split NNUNET_DIR --from-nnunet FILE`)",
+        )
     fmt = split.get("format") if isinstance(split, dict) else None
     if fmt != SPLIT_FORMAT:
         raise DataError(path, f"not a medstudent split file (format {fmt!r})")
