@@ -241,6 +241,24 @@ def test_export_monai_without_split_keeps_paths_relative(synth_stas_dir, tmp_pat
     assert all("fold" not in e and not Path(e["label"]).is_absolute() for e in doc["training"])
 
 
+def test_export_monai_writes_exif_rotated_images_upright(tmp_path):
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 20 wide x 10 high, shown 10 wide x 20 high
+    Image.fromarray(np.full((10, 20, 3), 90, np.uint8)).save(root / "images" / "a.jpg", exif=exif)
+    mask = np.zeros((20, 10), np.uint8)
+    mask[:5] = 1
+    Image.fromarray(mask * 255).save(root / "masks" / "a.png")
+    out = tmp_path / "datalist.json"
+    run("data", "export-monai", root, "-o", out)
+    (entry,) = json.loads(out.read_text())["training"]
+    assert entry["image"] == "datalist_images/a.png"
+    raw = np.asarray(Image.open(tmp_path / entry["image"]))  # as a reader that ignores EXIF sees it
+    assert raw.shape[:2] == read_mask(tmp_path / entry["label"]).shape == (20, 10)
+
+
 @pytest.mark.shared_data
 def test_real_stas_nnunet_round_trip(tmp_path):
     """A dozen real STAS images (labelme polygons) through export-nnunet and back: identical pixels."""

@@ -1,8 +1,9 @@
 """A MONAI decathlon-style datalist (`monai.data.load_decathlon_datalist`) for a segmentation data set.
 
 labelme data has no mask files, so masks are rendered to PNG (uint8 class ids, what medstudent reads) in a
-folder next to the datalist; images stay where they are (an image embedded in a labelme JSON is written out
-too). Paths are relative to the datalist's folder, which is MONAI's default base_dir, so the folder can move.
+folder next to the datalist; images stay where they are (an image embedded in a labelme JSON, or one with an
+EXIF rotation, is written out as PNG too). Paths are relative to the datalist's folder, which is MONAI's
+default base_dir, so the folder can move.
 """
 
 from __future__ import annotations
@@ -18,9 +19,18 @@ from medstudent.data.layouts import SegmentationDataset
 from medstudent.data.nnunet import case_ids
 from medstudent.errors import DataError
 
+ORIENTATION = 0x0112  # the EXIF tag
+
 
 def _rel(path: Path, base: Path) -> str:
     return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
+
+
+def _rotated(path: Path) -> bool:
+    """medstudent reads (and masks are drawn on) images in their EXIF orientation; MONAI's readers ignore the
+    tag, so such an image is written out upright or it would not line up with its mask."""
+    with Image.open(path) as im:
+        return im.getexif().get(ORIENTATION, 1) != 1
 
 
 def export_monai(ds: SegmentationDataset, out: str | Path, split: dict | None = None) -> dict:
@@ -53,7 +63,7 @@ def export_monai(ds: SegmentationDataset, out: str | Path, split: dict | None = 
     for i, it in enumerate(ds.items):
         img, mask = ds.load(i)
         image = it.image
-        if image is None:  # embedded in its labelme JSON
+        if image is None or _rotated(image):  # embedded in its labelme JSON, or turned by its EXIF tag
             image = out.parent / f"{out.stem}_images" / f"{cases[it.id]}.png"
             image.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(image)
