@@ -179,6 +179,12 @@ def test_nnunet_bad_input_is_one_line_naming_the_file(tmp_path):
     (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {}}))
     with pytest.raises(DataError, match="dataset.json: has no file_ending"):
         open_dataset(root)
+    root = _tiny_nnunet(tmp_path / "d")
+    (root / "dataset.json").write_text(
+        (root / "dataset.json").read_text().replace('"numTraining": 2', '"numTraining": 3')
+    )
+    with pytest.raises(DataError, match="dataset.json: numTraining is 3 but imagesTr has 2 cases"):
+        open_dataset(root)
     root = _tiny_nnunet(tmp_path / "c")
     shutil.copy(root / "imagesTr" / "c1_0000.png", root / "imagesTr" / "c1_0001.png")
     with pytest.raises(DataError, match=r"c1_0001\.png: a second input channel"):

@@ -205,6 +205,11 @@ def open_nnunet(root: str | Path) -> SegmentationDataset:
         orphans = sorted(set(labels) - set(images))
         if orphans:
             raise DataError(labels[orphans[0]], f"has no image {img_dir.name}/{orphans[0]}_0000{ending}")
+    n_tr = sum(1 for it in items if it.image is not None and it.image.parent.name == "imagesTr")
+    if type(dj.get("numTraining")) is int and dj["numTraining"] != n_tr:  # as nnU-Net's own check refuses
+        raise DataError(
+            root / "dataset.json", f"numTraining is {dj['numTraining']} but imagesTr has {n_tr} cases"
+        )
     label_map = {name: c for name, c in dj["labels"].items() if c > 0}
     names = ["background"] * (max(dj["labels"].values()) + 1)
     for name, c in label_map.items():
