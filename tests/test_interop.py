@@ -126,6 +126,16 @@ def test_export_nnunet_refuses_non_empty_folder_and_classification(synth_stas_di
     assert "not a segmentation data set" in res.output
 
 
+def test_export_nnunet_bad_image_leaves_nothing(synth_stas_dir, tmp_path):
+    root = tmp_path / "ds"
+    shutil.copytree(synth_stas_dir, root)
+    bad = sorted((root / "Train_Images").glob("*.jpg"))[3]
+    bad.write_bytes(b"not a jpeg")
+    res = run("data", "export-nnunet", root, "-o", tmp_path / "raw" / "Dataset005_Bad", code=1)
+    assert bad.name in res.output and len(res.output.strip().splitlines()) == 1
+    assert list((tmp_path / "raw").iterdir()) == []
+
+
 def test_case_ids_are_valid_and_distinct(synth_stas_dir):
     assert case_id("00000001") == "00000001" and case_id("img-1_a") == "img-1_a"
     odd = [case_id(s) for s in ("a b", "a.b", "a-b", "a b ", "ü", "_x")]

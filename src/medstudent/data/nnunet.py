@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -95,13 +96,23 @@ def export_nnunet(ds: SegmentationDataset, out: str | Path, split: dict | None =
     cases = case_ids(ds)
     train_ids, test_ids = _split_sets(ds, split)
     index = {it.id: i for i, it in enumerate(ds.items)}
-    for sub, ids in (("Tr", train_ids), ("Ts", test_ids)):
-        for mid in ids:
-            img, mask = ds.load(index[mid])
-            _write_png(out / f"images{sub}" / f"{cases[mid]}_0000.png", img)
-            _write_png(out / f"labels{sub}" / f"{cases[mid]}.png", mask.astype(np.uint8))
-    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    # written beside `out` and renamed at the end: a bad image half-way leaves no half data set behind
+    work = out.parent / f".{out.name}.partial"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        for sub, ids in (("Tr", train_ids), ("Ts", test_ids)):
+            for mid in ids:
+                img, mask = ds.load(index[mid])
+                _write_png(work / f"images{sub}" / f"{cases[mid]}_0000.png", img)
+                _write_png(work / f"labels{sub}" / f"{cases[mid]}.png", mask.astype(np.uint8))
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    (work / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (work / "labelsTr").mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    work.rename(out)
     dataset_json = {
         "channel_names": RGB_CHANNELS,
         "labels": nnunet_labels(ds),
