@@ -162,19 +162,27 @@ def data_split(
     from_folders: Annotated[
         bool, typer.Option(help="classification: use the train/val/test folders as given")
     ] = False,
+    from_nnunet: Annotated[
+        Path | None,
+        typer.Option(help="nnU-Net folder: convert this splits_final.json (its folds, imagesTs = test)"),
+    ] = None,
     empty_if_missing: EmptyIfMissing = False,
 ) -> None:
     """A fixed test set plus k stratified (and patient-grouped) folds, as a JSON every command accepts."""
     # deferred: data.splits imports scikit-learn
     from medstudent.data.layouts import KERMANY_GROUP_REGEX, ClassificationDataset, open_dataset
-    from medstudent.data.splits import make_split, save_split, split_from_folders
+    from medstudent.data.splits import load_split, make_split, save_split, split_from_folders
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = open_dataset(
             root, empty_if_missing=empty_if_missing, group_regex=group_regex or KERMANY_GROUP_REGEX
         )
-        if isinstance(ds, ClassificationDataset):
+        if from_nnunet is not None:
+            if getattr(ds, "format", None) != "nnunet":
+                raise DataError(root, "--from-nnunet needs an nnU-Net raw data set folder")
+            split = load_split(from_nnunet, ds)  # type: ignore[arg-type]
+        elif isinstance(ds, ClassificationDataset):
             split = split_from_folders(ds) if from_folders else make_split(ds, test_fraction, folds, seed)
         elif from_folders:
             raise DataError(root, "--from-folders is for classification folders")
@@ -195,6 +203,57 @@ def data_split(
     for k, f in enumerate(split["folds"]):
         t.add_row(f"fold {k}", f"train {len(f['train'])} / val {len(f['val'])}")
     console.print(t)
+
+
+def _open_for_export(root: Path, split_path: Path | None, empty_if_missing: bool):
+    """A complete segmentation data set and its checked split (None without one), for the interop exports."""
+    # deferred: data.splits imports scikit-learn
+    from medstudent.data.layouts import SegmentationDataset, open_dataset
+    from medstudent.data.splits import load_split
+
+    ds = open_dataset(root, empty_if_missing=empty_if_missing)
+    if not isinstance(ds, SegmentationDataset):
+        raise DataError(root, "is not a segmentation data set; only those export to nnU-Net and MONAI")
+    ds.require_complete()
+    if len(ds) == 0:
+        raise DataError(root, "has no labeled images")
+    return ds, (load_split(split_path, ds) if split_path is not None else None)
+
+
+SplitFile = Annotated[
+    Path | None, typer.Option("--split", help="medstudent split JSON: its test set and folds are kept")
+]
+
+
+@data_app.command("export-nnunet")
+@one_line_errors
+def data_export_nnunet(
+    root: Annotated[Path, typer.Argument(help="segmentation data set folder")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="nnUNet_raw/DatasetNNN_Name folder to write")],
+    split: SplitFile = None,
+    empty_if_missing: EmptyIfMissing = False,
+) -> None:
+    """An nnU-Net v2 raw data set (imagesTr, labelsTr, imagesTs, dataset.json; splits_final.json = the
+    split's folds, to copy into nnUNet_preprocessed/DatasetNNN_Name/)."""
+    from medstudent.data.nnunet import export_nnunet
+
+    ds, sp = _open_for_export(root, split, empty_if_missing)
+    console.print(_kv_table(plain(f"nnU-Net export -> {out}"), export_nnunet(ds, out, sp)))
+
+
+@data_app.command("export-monai")
+@one_line_errors
+def data_export_monai(
+    root: Annotated[Path, typer.Argument(help="segmentation data set folder")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="datalist JSON to write")] = Path("datalist.json"),
+    split: SplitFile = None,
+    empty_if_missing: EmptyIfMissing = False,
+) -> None:
+    """A MONAI datalist (training with folds, test) with the masks written as PNG next to it."""
+    from medstudent.data.monai_export import export_monai
+
+    ds, sp = _open_for_export(root, split, empty_if_missing)
+    console.print(_kv_table(plain(f"MONAI datalist -> {out}"), export_monai(ds, out, sp)))
 
 
 # ---------------------------------------------------------------------------------------------------- synth

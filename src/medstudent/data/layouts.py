@@ -4,7 +4,8 @@
   `images/` + `annotations/`, or JSON beside the images as labelme saves them);
 - masks: `images/` + `masks/` with the same stem;
 - classification: OCT2017 / ImageFolder (`[train|val|test/]<CLASS>/*.jpeg`);
-- unlabeled: a flat folder of images.
+- unlabeled: a flat folder of images;
+- nnunet: an nnU-Net v2 raw 2D data set (dataset.json + imagesTr/ + labelsTr/; see data/nnunet.py).
 Item ids are paths relative to the dataset root without extension, stable across machines, so split files
 can name them.
 """
@@ -23,7 +24,7 @@ from medstudent.data.io import IMAGE_EXTS, is_folder, list_dir, list_images, os_
 from medstudent.data.labelme import labelme_to_mask, read_labelme
 from medstudent.errors import ConfigError, DataError
 
-Layout = Literal["labelme", "masks", "classification", "unlabeled"]
+Layout = Literal["labelme", "masks", "classification", "unlabeled", "nnunet"]
 
 IMAGE_DIRS = ("Train_Images", "images", "Images", "imgs")
 ANNOTATION_DIRS = ("Train_Annotations", "annotations", "Annotations", "labelme", "json")
@@ -72,6 +73,10 @@ def detect_layout(root: str | Path) -> Layout:
     root = Path(root)
     if not is_folder(root):
         raise DataError(root, "not a folder")
+    if is_folder(root / "imagesTr"):
+        if not (root / "dataset.json").is_file():
+            raise DataError(root / "dataset.json", "missing; an nnU-Net raw data set (imagesTr/) needs it")
+        return "nnunet"
     img_dir = _first_dir(root, IMAGE_DIRS)
     if img_dir is not None:
         if _first_dir(root, MASK_DIRS) is not None:
@@ -92,7 +97,7 @@ def detect_layout(root: str | Path) -> Layout:
     raise DataError(
         root,
         "no known layout (expected Train_Images/+Train_Annotations/, images/+masks/, "
-        "[train|val|test/]<CLASS>/ image folders, or a folder of images)",
+        "[train|val|test/]<CLASS>/ image folders, dataset.json+imagesTr/ (nnU-Net), or a folder of images)",
     )
 
 
@@ -113,7 +118,7 @@ class SegmentationDataset:
     them all; `require_complete()` raises for commands that must not silently drop data."""
 
     root: Path
-    format: Literal["labelme", "masks"]
+    format: Literal["labelme", "masks", "nnunet"]
     items: list[SegItem]
     images_without_annotation: list[Path] = field(default_factory=list)
     annotations_without_image: list[Path] = field(default_factory=list)
@@ -164,7 +169,12 @@ class SegmentationDataset:
             raise DataError(
                 it.annotation,
                 f"mask value {top} is no class: {self.num_classes} classes ({', '.join(self.class_names)}) "
-                f"use ids 0..{self.num_classes - 1}; declare more classes with data.label_map",
+                f"use ids 0..{self.num_classes - 1}; "
+                + (
+                    "dataset.json declares no such label"
+                    if self.format == "nnunet"
+                    else "declare more classes with data.label_map"
+                ),
             )
         return mask
 
@@ -233,9 +243,15 @@ def open_segmentation(
     label_map: Mapping[str, int] | None = None,
     empty_if_missing: bool = False,
 ) -> SegmentationDataset:
-    """Pair images with labelme JSON or mask files by stem."""
+    """Pair images with labelme JSON or mask files by stem. An nnU-Net folder brings its own pairing and
+    labels (dataset.json is authoritative: label_map and empty_if_missing do not apply)."""
     root = Path(root)
     layout = detect_layout(root)
+    if layout == "nnunet":
+        # deferred: data.nnunet builds on this module's SegmentationDataset (an import cycle otherwise)
+        from medstudent.data.nnunet import open_nnunet
+
+        return open_nnunet(root)
     if layout not in ("labelme", "masks"):
         raise DataError(root, f"is a {layout} folder, not a segmentation data set")
     img_dir = _first_dir(root, IMAGE_DIRS) or root
@@ -358,7 +374,7 @@ def open_dataset(
     naming the path, never a traceback."""
     try:
         layout = detect_layout(root)
-        if layout in ("labelme", "masks"):
+        if layout in ("labelme", "masks", "nnunet"):
             return open_segmentation(root, label_map=label_map, empty_if_missing=empty_if_missing)
         if layout == "classification":
             return open_classification(root, group_regex=group_regex)

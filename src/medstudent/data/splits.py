@@ -17,6 +17,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, Strat
 
 from medstudent.data.io import read_regular_bytes
 from medstudent.data.layouts import ClassificationDataset, SegmentationDataset
+from medstudent.data.nnunet import nnunet_split
 from medstudent.errors import DataError
 
 SPLIT_FORMAT = "medstudent-split/1"
@@ -173,13 +174,22 @@ def save_split(split: dict, path: str | Path) -> None:
 
 
 def load_split(path: str | Path, ds: SegmentationDataset | ClassificationDataset | None = None) -> dict:
-    """Read a split file; with `ds`, check that every id it names exists in the data set."""
+    """Read a split file; with `ds`, check that every id it names exists in the data set. With an nnU-Net
+    data set, its splits_final.json is accepted too (converted by data.nnunet.nnunet_split)."""
     path = Path(path)
     raw = read_regular_bytes(path, MAX_SPLIT_BYTES, what="split file")
     try:
         split = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise DataError(path, f"not valid JSON ({type(e).__name__}: {e})") from None
+    if isinstance(split, list):  # nnU-Net's splits_final.json: its case ids only mean something in its folder
+        if isinstance(ds, SegmentationDataset) and ds.format == "nnunet":
+            return nnunet_split(path, ds)
+        raise DataError(
+            path,
+            "not a medstudent split file (a list, as nnU-Net's splits_final.json; convert one with "
+            "`medstudent data split NNUNET_DIR --from-nnunet FILE`)",
+        )
     fmt = split.get("format") if isinstance(split, dict) else None
     if fmt != SPLIT_FORMAT:
         raise DataError(path, f"not a medstudent split file (format {fmt!r})")
