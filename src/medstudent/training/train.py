@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from medstudent.atomic import remove_stale_temps
 from medstudent.config import RunConfig, save_config
 from medstudent.data.splits import save_split
 from medstudent.distributed import is_main
@@ -41,6 +42,7 @@ from medstudent.models import check_model_config
 from medstudent.precision import accelerator_device_type, resolve_precision
 from medstudent.rundir import RunDir
 from medstudent.training.callbacks import EpochAwareTransforms, FitEpochsToTime, RankReport
+from medstudent.training.checkpoint_io import AtomicCheckpointIO
 from medstudent.training.curves import training_curves_png
 from medstudent.training.loaders import Prepared, class_weights_for, make_loaders, prepare_data
 from medstudent.training.module import TaskModule
@@ -124,6 +126,7 @@ def build_trainer(
         deterministic="warn" if t.deterministic else False,
         check_val_every_n_epoch=t.val_every,
         callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
         logger=loggers,
         enable_progress_bar=progress,
         enable_model_summary=False,
@@ -164,6 +167,8 @@ def train(
     if resume and not last.is_file():
         raise DataError(last, "cannot resume: no last checkpoint in this run folder")
     main = is_main()  # other ranks (DDP) rerun this function; only rank 0 checks and writes the run folder
+    if main:
+        remove_stale_temps(rd.checkpoints)  # what a run killed while saving a checkpoint left behind
     if main and not resume and rd.checkpoints.exists() and any(rd.checkpoints.iterdir()):
         raise DataError(
             run_dir, "already holds checkpoints; pass --resume to continue or choose another name"

@@ -1,0 +1,75 @@
+"""Crash safety: runs killed with SIGKILL (mid-epoch, mid-checkpoint-write) resume with --resume to the
+same weights as an uninterrupted run; files are replaced atomically (medstudent.atomic)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_SEG
+from medstudent.atomic import atomic_path, remove_stale_temps, write_text_atomic
+from medstudent.training.callbacks import state_digest
+
+CHILD = Path(__file__).with_name("crash_child.py")
+TINY = [
+    *TINY_SEG,
+    "augment.scale=1.0",
+    "data.test_fraction=4",
+    "data.n_folds=3",
+    "train.threads=1",
+    "data.num_workers=0",
+]
+
+
+def _cli(tmp_path: Path, root: Path, name: str, *extra: str) -> list[str]:
+    sets = [f"data.root={root}", f"train.output_dir={tmp_path / 'runs'}", f"train.name={name}", *TINY, *extra]
+    return [a for s in sets for a in ("--set", s)]
+
+
+def _run(args: list[str], crash: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(crash or {})}
+    return subprocess.run(
+        [sys.executable, str(CHILD), *args], env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def _killed(proc: subprocess.CompletedProcess) -> bool:
+    return proc.returncode == -signal.SIGKILL
+
+
+def _digest(ckpt: Path) -> str:
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    return state_digest(state)
+
+
+def test_atomic_write_keeps_the_old_file_on_error(tmp_path):
+    target = tmp_path / "a.json"
+    write_text_atomic(target, "old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["a.json"]
+    (tmp_path / ".a.json.x1.tmp").write_text("stale")  # what a SIGKILL leaves
+    assert [p.name for p in remove_stale_temps(tmp_path)] == [".a.json.x1.tmp"]
+
+
+@pytest.mark.slow  # trains a model
+def test_kill_during_checkpoint_write_keeps_last_loadable(synth_stas_dir, tmp_path):
+    args = _cli(tmp_path, synth_stas_dir, "ckw", "train.epochs=2")
+    proc = _run(["train", "stas_cpu", *args, "--quiet"], {"CRASH_AT_SAVE": "last.ckpt:2"})
+    assert _killed(proc), proc.stderr[-2000:]
+    ckpts = tmp_path / "runs" / "ckw" / "fold_0" / "checkpoints"
+    assert any(p.name.startswith(".last.ckpt.") for p in ckpts.iterdir())  # the half-written temp file
+    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 0  # the first epoch's checkpoint, intact
+    proc = _run(["train", "stas_cpu", *args, "--quiet", "--resume"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 1
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt", "last.ckpt"]  # temp swept on resume
