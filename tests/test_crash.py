@@ -73,3 +73,20 @@ def test_kill_during_checkpoint_write_keeps_last_loadable(synth_stas_dir, tmp_pa
     last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 1
     assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt", "last.ckpt"]  # temp swept on resume
+
+
+@pytest.mark.slow  # trains a model three times
+def test_kill_mid_epoch_then_resume_gives_identical_weights(synth_stas_dir, tmp_path):
+    # 8 training images in batches of 4: two steps per epoch; step 3 is the second of epoch 1
+    whole = _run(["train", "stas_cpu", *_cli(tmp_path, synth_stas_dir, "whole", "train.epochs=3"), "--quiet"])
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    args = ["train", "stas_cpu", *_cli(tmp_path, synth_stas_dir, "killed", "train.epochs=3"), "--quiet"]
+    proc = _run(args, {"CRASH_AT_STEP": "3"})
+    assert _killed(proc), proc.stderr[-2000:]
+    killed = tmp_path / "runs" / "killed" / "fold_0" / "checkpoints"
+    assert torch.load(killed / "last.ckpt", weights_only=True)["epoch"] == 0
+    proc = _run([*args, "--resume"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    done = tmp_path / "runs" / "whole" / "fold_0" / "checkpoints"
+    for name in ("last.ckpt", "best.ckpt"):
+        assert _digest(killed / name) == _digest(done / name), name
