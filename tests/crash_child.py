@@ -3,7 +3,8 @@ point, for the crash-safety tests (test_crash.py):
 
 CRASH_AT_SAVE=<name>:<n>  dies half-way through writing the n-th save of checkpoint <name> (temp file
                           partly written, the rename never happens)
-CRASH_AT_STEP=<k>         dies at the start of training step k (global step), i.e. mid-epoch
+CRASH_AT_STEP=<k>[:<n>]   dies at the start of training step k (global step), i.e. mid-epoch, the n-th
+                          time a trainer of this process reaches it (cv: n=2 is the second fold)
 CRASH_AT_CALL=<mod>:<fn>:<n>  dies on the n-th call of function <fn> of module <mod>
 """
 
@@ -44,14 +45,17 @@ def _kill_at_save(spec: str) -> None:
     torch.save = save
 
 
-def _kill_at_step(k: int) -> None:
+def _kill_at_step(spec: str) -> None:
     from medstudent.training.module import TaskModule
 
-    real_step = TaskModule.training_step
+    k, _, n = spec.partition(":")
+    real_step, seen = TaskModule.training_step, [0]
 
     def training_step(self, batch, batch_idx):
-        if self.trainer.global_step == k:
-            _die()
+        if self.trainer.global_step == int(k):
+            seen[0] += 1
+            if seen[0] == int(n or 1):
+                _die()
         return real_step(self, batch, batch_idx)
 
     TaskModule.training_step = training_step
@@ -75,7 +79,7 @@ if __name__ == "__main__":
     if spec := os.environ.get("CRASH_AT_SAVE"):
         _kill_at_save(spec)
     if step := os.environ.get("CRASH_AT_STEP"):
-        _kill_at_step(int(step))
+        _kill_at_step(step)
     if spec := os.environ.get("CRASH_AT_CALL"):
         _kill_at_call(spec)
     from medstudent.cli import app
