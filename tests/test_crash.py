@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -90,3 +91,69 @@ def test_kill_mid_epoch_then_resume_gives_identical_weights(synth_stas_dir, tmp_
     done = tmp_path / "runs" / "whole" / "fold_0" / "checkpoints"
     for name in ("last.ckpt", "best.ckpt"):
         assert _digest(killed / name) == _digest(done / name), name
+
+
+@pytest.mark.slow  # cross-validates twice
+def test_cv_killed_in_a_fold_resumes_to_identical_folds(synth_stas_dir, tmp_path):
+    # 2 folds of 6 training images in batches of 4 and 2: step 3 is mid epoch 1; its second occurrence
+    # in the process is fold 1's (fold 0 is finished and in the manifest by then)
+    def cv(name: str) -> list[str]:
+        sets = [*_cli(tmp_path, synth_stas_dir, name, "train.epochs=2", "augment.scale=0.5")]
+        sets += ["--set", "predict.tta=none", "--set", "postprocess.min_area=0"]
+        return ["cv", "stas_cpu", "--folds", "2", *sets, "--quiet", "--dataset", "d", "--method", "m"]
+
+    whole = _run(cv("whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    proc = _run(cv("killed"), {"CRASH_AT_STEP": "3:2"})
+    assert _killed(proc), proc.stderr[-2000:]
+    killed = tmp_path / "runs" / "killed"
+    assert (killed / "fold_1" / "checkpoints" / "last.ckpt").is_file()
+    assert not (killed / "fold_1" / "metrics.json").exists()
+    proc = _run(cv("killed"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "skipping finished fold(s) [0]" in proc.stdout + proc.stderr
+    done = tmp_path / "runs" / "whole"
+    for fold in ("fold_0", "fold_1"):
+        for name in ("last.ckpt", "best.ckpt"):
+            ckpt = f"{fold}/checkpoints/{name}"
+            assert _digest(killed / ckpt) == _digest(done / ckpt), ckpt
+    a, b = (pd.read_csv(r / "results.csv").drop(columns=["minutes"], errors="ignore") for r in (killed, done))
+    pd.testing.assert_frame_equal(a, b)
+
+
+@pytest.mark.slow  # self-trains twice
+def test_selftrain_killed_while_pseudo_labelling_resumes_to_identical_student(synth_stas_dir, tmp_path):
+    selftrain = [
+        "train.epochs=2",
+        "predict.tta=none",
+        "selftrain.labeled_fraction=0.5",
+        "selftrain.threshold=0.6",
+        "selftrain.min_confident_fraction=0.5",
+        "selftrain.unlabeled_fraction=0.5",
+        "selftrain.stop_when_worse=false",
+        "selftrain.num_students=1",
+        "selftrain.student_dropout=0.1",
+    ]
+
+    def cmd(name: str) -> list[str]:
+        return ["selftrain", "stas_cpu", *_cli(tmp_path, synth_stas_dir, name, *selftrain), "--quiet"]
+
+    whole = _run(cmd("whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    # dies on the second pool image, after the first pseudo mask was written
+    proc = _run(cmd("killed"), {"CRASH_AT_CALL": "medstudent.selftrain.pseudo_io:_seg_row:2"})
+    assert _killed(proc), proc.stderr[-2000:]
+    killed, done = tmp_path / "runs" / "killed", tmp_path / "runs" / "whole"
+    pseudo = killed / "round_1" / "pseudo"
+    assert not (pseudo / "stats.json").exists() and not (killed / "round_1" / "checkpoints").exists()
+    proc = _run([*cmd("killed"), "--resume"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pd.testing.assert_frame_equal(
+        pd.read_csv(pseudo / "pseudo.csv"), pd.read_csv(done / pseudo.relative_to(killed) / "pseudo.csv")
+    )
+    for rel in (
+        "round_0/checkpoints/last.ckpt",
+        "round_1/checkpoints/last.ckpt",
+        "round_1/checkpoints/best.ckpt",
+    ):
+        assert _digest(killed / rel) == _digest(done / rel), rel
