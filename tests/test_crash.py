@@ -56,6 +56,8 @@ def test_atomic_write_keeps_the_old_file_on_error(tmp_path):
         tmp.write_text("half")
         raise RuntimeError("killed")
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["a.json"]
+    write_text_atomic(target, "new", fsync=False)  # per-image outputs: atomic, not flushed
+    assert target.read_text() == "new" and os.listdir(tmp_path) == ["a.json"]
     (tmp_path / ".a.json.x1.tmp").write_text("stale")  # what a SIGKILL leaves
     assert [p.name for p in remove_stale_temps(tmp_path)] == [".a.json.x1.tmp"]
 

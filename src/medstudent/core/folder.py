@@ -108,7 +108,7 @@ def predict_folder(
             if save_probs:
                 (out / "probs").mkdir(exist_ok=True)
                 p8 = np.clip(np.round((probs if probs.ndim == 2 else probs.max(0)) * 255), 0, 255)
-                with atomic_path(out / "probs" / f"{stem}.png") as tmp:
+                with atomic_path(out / "probs" / f"{stem}.png", fsync=False) as tmp:
                     Image.fromarray(p8.astype(np.uint8)).save(tmp, format="PNG")
             if save_labelme:
                 names = dict(enumerate(class_names))
@@ -117,7 +117,7 @@ def predict_folder(
                 write_labelme(out / "labelme" / f"{stem}.json", doc)
             if save_overlays:
                 (out / "overlays").mkdir(exist_ok=True)
-                with atomic_path(out / "overlays" / f"{stem}.png") as tmp:
+                with atomic_path(out / "overlays" / f"{stem}.png", fsync=False) as tmp:
                     Image.fromarray(overlay(img, mask)).save(tmp, format="PNG")
             rows.append({"id": stem, "foreground_px": int((mask > 0).sum())})
         else:

@@ -222,5 +222,5 @@ def write_mask_png(path: str | Path, mask: np.ndarray, binary_255: bool = True) 
         else mask.astype(np.uint8)
     )
     fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")  # the temp name has no suffix
-    with atomic_path(path) as tmp:
+    with atomic_path(path, fsync=False) as tmp:  # one of many per-image files
         Image.fromarray(out).save(tmp, format=fmt)

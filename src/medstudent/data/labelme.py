@@ -371,4 +371,4 @@ def mask_to_labelme(
 
 
 def write_labelme(path: str | Path, doc: dict) -> None:
-    write_text_atomic(path, json.dumps(doc, indent=2))
+    write_text_atomic(path, json.dumps(doc, indent=2), fsync=False)  # one of many per-image files

@@ -324,7 +324,7 @@ def _save_val_predictions(folder: Path, probs: list[np.ndarray], ids: list[str])
     folder.mkdir(parents=True, exist_ok=True)
     for p, i in zip(probs, ids, strict=True):
         p8 = np.round(np.clip(p, 0, 1) * 255).astype(np.uint8)
-        with atomic_path(folder / f"{Path(i).name}.png") as tmp:
+        with atomic_path(folder / f"{Path(i).name}.png", fsync=False) as tmp:
             Image.fromarray(p8).save(tmp, format="PNG")
 
 

@@ -176,7 +176,7 @@ def _save_map(folder: Path, image_id: str, prob: np.ndarray) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     p8 = np.round(np.clip(prob, 0, 1) * 255).astype(np.uint8)
-    with atomic_path(folder / f"{Path(image_id).name}.png") as tmp:
+    with atomic_path(folder / f"{Path(image_id).name}.png", fsync=False) as tmp:
         Image.fromarray(p8).save(tmp, format="PNG")
 
 

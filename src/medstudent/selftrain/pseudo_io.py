@@ -121,7 +121,7 @@ def _seg_row(
         row.update({k: round(v, 5) for k, v in pseudo_mask_agreement(mask, truth).items()})
     if keep:
         name = item.id.replace("/", "__") + ".png"
-        with atomic_path(out / "masks" / name) as tmp:
+        with atomic_path(out / "masks" / name, fsync=False) as tmp:
             Image.fromarray(mask).save(tmp, format="PNG")
         row["mask"] = name
     return row
