@@ -509,6 +509,7 @@ def test_time_budget_holds_when_the_machine_slows_down_half_way(monkeypatch):
             strategy=SimpleNamespace(broadcast=lambda v, src=0: v),
             is_global_zero=False,
         )
+        cb.on_fit_start(trainer, None)
         cb.on_train_start(trainer, None)
         first_plan, epoch = None, 0
         while epoch < trainer.fit_loop.max_epochs:
@@ -549,9 +550,9 @@ def test_fit_epochs_to_time_ends_run_and_cosine_inside_the_budget(synth_stas_dir
     assert ckpt["lr_schedulers"][0]["_last_lr"][0] == pytest.approx(cfg.optim.lr * 0.01, rel=1e-3)
     state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("FitEpochsToTime"))
     assert state["planned"] == 3 and state["spent_s"] > 0
-    # --resume: the restored plan is applied again before training continues
+    # --resume: the restored plan is applied again before the first batch is loaded (at fit start)
     cb = callbacks_mod.FitEpochsToTime(2, 1)
     cb.load_state_dict(state)
     trainer = SimpleNamespace(fit_loop=SimpleNamespace(max_epochs=6))
-    cb.on_train_start(trainer, None)
+    cb.on_fit_start(trainer, None)
     assert trainer.fit_loop.max_epochs == 3

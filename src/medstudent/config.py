@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medstudent.atomic import write_text_atomic
 from medstudent.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -323,4 +324,4 @@ def load_config(
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

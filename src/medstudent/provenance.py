@@ -18,6 +18,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from medstudent.atomic import write_text_atomic
+
 LIBRARIES = (
     "medstudent",
     "torch",
@@ -127,11 +129,8 @@ def write_env(path: Path, seed: int | None, precision: str | None, fingerprint: 
     doc = environment(seed, precision)
     if fingerprint is not None:
         doc["data_fingerprint"] = fingerprint
-    path = Path(path)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(path)
-    return path
+    write_text_atomic(Path(path), json.dumps(doc, indent=1))
+    return Path(path)
 
 
 def dataset_files(dataset: Any) -> list[tuple[str, Path | None, Path | None]]:

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medstudent.atomic import write_text_atomic
 from medstudent.config import PostprocessConfig, valid_tta_scales
 from medstudent.core.tta import TTA_SETS
 from medstudent.errors import DataError
@@ -177,9 +178,7 @@ def sha256_of(path: Path) -> str:
 def write_pipeline(spec: PipelineSpec, folder: Path) -> Path:
     """Write `folder/pipeline.json` (temp file + rename, so a crash never leaves half a file)."""
     path = Path(folder) / PIPELINE_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(spec.model_dump(mode="json", exclude_none=False), indent=1))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(spec.model_dump(mode="json", exclude_none=False), indent=1))
     return path
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from medstudent.atomic import atomic_path, write_text_atomic
 from medstudent.core.overlay import overlay
 from medstudent.core.postprocess import postprocess
 from medstudent.data.io import list_images, read_image, write_mask_png
@@ -107,7 +108,8 @@ def predict_folder(
             if save_probs:
                 (out / "probs").mkdir(exist_ok=True)
                 p8 = np.clip(np.round((probs if probs.ndim == 2 else probs.max(0)) * 255), 0, 255)
-                Image.fromarray(p8.astype(np.uint8)).save(out / "probs" / f"{stem}.png")
+                with atomic_path(out / "probs" / f"{stem}.png", fsync=False) as tmp:
+                    Image.fromarray(p8.astype(np.uint8)).save(tmp, format="PNG")
             if save_labelme:
                 names = dict(enumerate(class_names))
                 doc = mask_to_labelme(mask, path, class_names=names, tolerance=1.0)
@@ -115,7 +117,8 @@ def predict_folder(
                 write_labelme(out / "labelme" / f"{stem}.json", doc)
             if save_overlays:
                 (out / "overlays").mkdir(exist_ok=True)
-                Image.fromarray(overlay(img, mask)).save(out / "overlays" / f"{stem}.png")
+                with atomic_path(out / "overlays" / f"{stem}.png", fsync=False) as tmp:
+                    Image.fromarray(overlay(img, mask)).save(tmp, format="PNG")
             rows.append({"id": stem, "foreground_px": int((mask > 0).sum())})
         else:
             row = {"id": str(path.relative_to(root)) if root else path.name, "path": str(path)}
@@ -134,7 +137,7 @@ def predict_folder(
             w.writeheader()
             w.writerows(rows)
     if skipped:
-        (out / "skipped.txt").write_text("\n".join(skipped) + "\n")
+        write_text_atomic(out / "skipped.txt", "\n".join(skipped) + "\n")
     return {"images": n_all, "predicted": len(rows), "skipped": skipped}
 
 
@@ -144,9 +147,7 @@ def _merge_ranks(
     """Gather the ranks' rows through files (no process group needed, so the torch-free ONNX path works
     too): every rank writes its part; rank 0 waits for all parts, merges them in image order, removes them."""
     part = out / f".rank_{rank}.json"
-    tmp = part.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"rows": rows, "skipped": skipped}))
-    tmp.replace(part)
+    write_text_atomic(part, json.dumps({"rows": rows, "skipped": skipped}))
     if rank != 0:
         return None
     parts = [out / f".rank_{r}.json" for r in range(world)]

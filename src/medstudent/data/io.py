@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from medstudent.atomic import atomic_path
 from medstudent.errors import DataError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
@@ -220,5 +221,6 @@ def write_mask_png(path: str | Path, mask: np.ndarray, binary_255: bool = True) 
         if binary_255 and mask.max(initial=0) <= 1
         else mask.astype(np.uint8)
     )
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(out).save(path)
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")  # the temp name has no suffix
+    with atomic_path(path, fsync=False) as tmp:  # one of many per-image files
+        Image.fromarray(out).save(tmp, format=fmt)

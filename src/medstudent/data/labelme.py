@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
+from medstudent.atomic import write_text_atomic
 from medstudent.data.io import MAX_IMAGE_PIXELS, read_regular_bytes
 from medstudent.errors import DataError
 
@@ -370,6 +371,4 @@ def mask_to_labelme(
 
 
 def write_labelme(path: str | Path, doc: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=2)
+    write_text_atomic(path, json.dumps(doc, indent=2), fsync=False)  # one of many per-image files

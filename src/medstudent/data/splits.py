@@ -15,6 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, StratifiedShuffleSplit
 
+from medstudent.atomic import write_text_atomic
 from medstudent.data.io import read_regular_bytes
 from medstudent.data.layouts import ClassificationDataset, SegmentationDataset
 from medstudent.data.nnunet import nnunet_split
@@ -168,9 +169,7 @@ def split_from_folders(ds: ClassificationDataset) -> dict:
 
 
 def save_split(split: dict, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(split, f, indent=1)
+    write_text_atomic(path, json.dumps(split, indent=1))
 
 
 def load_split(path: str | Path, ds: SegmentationDataset | ClassificationDataset | None = None) -> dict:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from medstudent.atomic import atomic_path, write_text_atomic
 from medstudent.data.io import IMAGE_EXTS, list_images, read_image, read_mask
 from medstudent.data.labelme import labelme_to_mask
 from medstudent.data.layouts import ClassificationDataset, SegmentationDataset, detect_layout, open_dataset
@@ -99,14 +100,16 @@ def evaluate_segmentation(
         gm.append(g)
     df = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "per_image.csv", index=False)
+    with atomic_path(out / "per_image.csv") as tmp:
+        df.to_csv(tmp, index=False)
     scores = seg_summary(rows, n_boot=2000, seed=seed)
     summary = {"images": scores.pop("n_images"), **scores, **lesion_summary(df, matches, seed, iou)}
     summary.update(boundary_summary(df, tolerance_px, seed))
     by_size = size_table(matches, mpp=mpp)
     summary["lesions_by_size"] = by_size
-    pd.DataFrame(by_size).to_csv(out / "lesions_by_size.csv", index=False)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    with atomic_path(out / "lesions_by_size.csv") as tmp:
+        pd.DataFrame(by_size).to_csv(tmp, index=False)
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
     worst = df.nsmallest(n_worst, "dice")
     gallery = []
     for _, r in worst.iterrows():
@@ -182,8 +185,9 @@ def evaluate_classification(
     y_arr, p_arr = np.array(y), np.stack(probs)
     m = cls_summary(y_arr, p_arr, ds.class_names, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(m, indent=1))
-    pd.DataFrame(m["per_class"]).to_csv(out / "per_class.csv", index=False)
+    write_text_atomic(out / "summary.json", json.dumps(m, indent=1))
+    with atomic_path(out / "per_class.csv") as tmp:
+        pd.DataFrame(m["per_class"]).to_csv(tmp, index=False)
     cm = np.array(m["confusion_matrix"])
     confusion_matrix_png(cm, ds.class_names, out / "confusion_matrix.png", normalize=False)
     confusion_matrix_png(cm, ds.class_names, out / "confusion_matrix_normalized.png", normalize=True)

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
+from medstudent.atomic import atomic_path, write_text_atomic
 from medstudent.config import PostprocessConfig
 from medstudent.core.postprocess import (
     as_mask,
@@ -323,7 +324,8 @@ def _save_val_predictions(folder: Path, probs: list[np.ndarray], ids: list[str])
     folder.mkdir(parents=True, exist_ok=True)
     for p, i in zip(probs, ids, strict=True):
         p8 = np.round(np.clip(p, 0, 1) * 255).astype(np.uint8)
-        Image.fromarray(p8).save(folder / f"{Path(i).name}.png")
+        with atomic_path(folder / f"{Path(i).name}.png", fsync=False) as tmp:
+            Image.fromarray(p8).save(tmp, format="PNG")
 
 
 def tune_run(
@@ -338,8 +340,9 @@ def tune_run(
     best, table = tune_postprocess(probs, gts, grid=grid, base=pred.cfg.postprocess)
     plain = mean_dice([p > 0.5 for p in probs], gts)
     path = RunDir(run).postprocess
-    path.write_text(json.dumps(best.model_dump(mode="json"), indent=1))
-    table.to_csv(run / "postprocess_grid.csv", index=False)
+    write_text_atomic(path, json.dumps(best.model_dump(mode="json"), indent=1))
+    with atomic_path(run / "postprocess_grid.csv") as tmp:
+        table.to_csv(tmp, index=False)
     return {
         "images": len(ids),
         "dice_plain": float(plain),

@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from medstudent.atomic import atomic_path
 from medstudent.errors import DataError
 
 KEY_COLUMNS = ("dataset", "method", "fold")
@@ -55,9 +56,8 @@ def write_results(rows: Iterable[Mapping[str, Any]], path: str | Path, merge: bo
         kept = old[~old_key.isin(set(key))]
         df = pd.concat([kept, df], ignore_index=True) if len(kept) else df
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
     return df
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medstudent.atomic import atomic_path, remove_stale_temps, write_text_atomic
 from medstudent.config import RunConfig
 from medstudent.core.postprocess import for_ensemble
 from medstudent.data.layouts import open_dataset
@@ -91,6 +92,7 @@ def train_fold(
             continue
         resume = rd.last_ckpt.is_file()
         ckpts = rd.checkpoints
+        remove_stale_temps(ckpts)  # a kill during the first checkpoint write leaves only a temp file
         if not resume and ckpts.is_dir() and any(ckpts.iterdir()):
             raise DataError(
                 run_dir, "holds checkpoints but no last.ckpt to resume from; delete it to retrain"
@@ -174,7 +176,8 @@ def _save_map(folder: Path, image_id: str, prob: np.ndarray) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     p8 = np.round(np.clip(prob, 0, 1) * 255).astype(np.uint8)
-    Image.fromarray(p8).save(folder / f"{Path(image_id).name}.png")
+    with atomic_path(folder / f"{Path(image_id).name}.png", fsync=False) as tmp:
+        Image.fromarray(p8).save(tmp, format="PNG")
 
 
 # ---------------------------------------------------------------------------------------------- one fold
@@ -204,7 +207,8 @@ def _fold_job(
         table, metrics = score_models(models, cfg, val_ids, rd.val_maps)
         table.insert(0, "fold", fold)
         fold_dir.mkdir(parents=True, exist_ok=True)
-        table.to_csv(rd.oof, index=False)
+        with atomic_path(rd.oof) as tmp:
+            table.to_csv(tmp, index=False)
     return {
         "fold": fold,
         "models": [str(m) for m in models],
@@ -356,9 +360,10 @@ def _aggregate(
     table = write_results(rows, root / "results.csv")
     oof = [RunDir.fold_in(root, k).oof for k in wanted]
     if any(p.is_file() for p in oof):
-        pd.concat([pd.read_csv(p) for p in oof if p.is_file()], ignore_index=True).to_csv(
-            RunDir(root).oof, index=False
-        )
+        with atomic_path(RunDir(root).oof) as tmp:
+            pd.concat([pd.read_csv(p) for p in oof if p.is_file()], ignore_index=True).to_csv(
+                tmp, index=False
+            )
     summary = {
         "dataset": dataset,
         "method": method,
@@ -367,7 +372,7 @@ def _aggregate(
         "primary_metric": manifest["primary_metric"],
         "metrics": summarize(per_metric),
     }
-    (root / "cv_summary.json").write_text(json.dumps(summary, indent=1))
+    write_text_atomic(root / "cv_summary.json", json.dumps(summary, indent=1))
     test_metrics = None
     if test:
         test_ids = list(split["test"])
@@ -381,8 +386,9 @@ def _aggregate(
             tcfg = cfg.model_copy(deep=True)
             pred_table, test_metrics = score_models(models, tcfg, test_ids, root / "test" / "maps")
             (root / "test").mkdir(parents=True, exist_ok=True)
-            pred_table.to_csv(root / "test" / "predictions.csv", index=False)
-            RunDir(root / "test").metrics.write_text(json.dumps(test_metrics, indent=1))
+            with atomic_path(root / "test" / "predictions.csv") as tmp:
+                pred_table.to_csv(tmp, index=False)
+            write_text_atomic(RunDir(root / "test").metrics, json.dumps(test_metrics, indent=1))
             write_results(
                 [{"dataset": dataset, "method": method, "fold": "test", **test_metrics}],
                 root / "test_results.csv",

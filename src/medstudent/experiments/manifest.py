@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from medstudent.atomic import write_text_atomic
 from medstudent.config import RunConfig
 from medstudent.data.layouts import open_labeled
 from medstudent.data.splits import load_split, make_split, save_split
@@ -117,9 +118,7 @@ def load_manifest(root: Path, cfg: RunConfig | None = None) -> dict:
 def save_manifest(root: Path, doc: dict) -> None:
     if not is_main():
         return
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(root / MANIFEST)
+    write_text_atomic(root / MANIFEST, json.dumps(doc, indent=1))
 
 
 @contextmanager

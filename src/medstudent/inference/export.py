@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medstudent.atomic import write_text_atomic
 from medstudent.core.contract import TTA_SETS, check_choices, sha256_of, write_pipeline
 from medstudent.data.io import list_images, read_image
 from medstudent.data.preprocess import apply_eval_contract
@@ -351,7 +352,7 @@ def export_runs(
     write_pipeline(spec, out)
     first_env = read_json(run_dir_of(preds[0]).env)
     write_env(out / "env.json", preds[0].cfg.train.seed, None, first_env.get("data_fingerprint"))
-    (out / "MODEL_CARD.md").write_text(model_card(spec, preds))
+    write_text_atomic(out / "MODEL_CARD.md", model_card(spec, preds))
     return spec.model_dump(mode="json")
 
 

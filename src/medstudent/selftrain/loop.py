@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from medstudent.atomic import write_text_atomic
 from medstudent.config import RunConfig, SelfTrainConfig, save_config
 from medstudent.distributed import is_main
 from medstudent.errors import ConfigError, DataError
@@ -64,7 +65,7 @@ def run_selftrain(
     plan = make_plan(cfg, root, split_path)
     if main:
         save_config(cfg, RunDir(root).config)
-        RunDir(root).split.write_text(json.dumps(plan.prep.split, indent=1))
+        write_text_atomic(RunDir(root).split, json.dumps(plan.prep.split, indent=1))
     log(
         f"self-training {cfg.train.name}: {len(plan.prep.train_idx)} labeled, "
         f"{sum(p.source == 'hidden' for p in plan.pool)} hidden-label + "

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from medstudent.atomic import write_text_atomic
 from medstudent.config import RunConfig, SelfTrainConfig
 from medstudent.data.layouts import (
     ClassificationDataset,
@@ -122,7 +123,8 @@ def make_plan(cfg: RunConfig, root: Path, split_path: str | Path | None = None) 
         labeled = _labeled_subset(ds, full.train_idx, st, cfg.train.seed)
         hidden = sorted(set(full.train_idx) - set(labeled))
         unl_idx = list(range(len(unl))) if unl is not None else []
-        plan_file.write_text(
+        write_text_atomic(
+            plan_file,
             json.dumps(
                 {
                     "labeled": [ids[i] for i in labeled],
@@ -130,7 +132,7 @@ def make_plan(cfg: RunConfig, root: Path, split_path: str | Path | None = None) 
                     "unlabeled": [unl.ids()[i] for i in unl_idx] if unl is not None else [],
                 },
                 indent=1,
-            )
+            ),
         )
     pool = [PoolItem(ids[i], "hidden", i) for i in hidden]
     if unl is not None:

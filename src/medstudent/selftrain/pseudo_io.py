@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from medstudent.atomic import atomic_path, write_text_atomic
 from medstudent.config import RunConfig, SelfTrainConfig
 from medstudent.core.postprocess import postprocess
 from medstudent.data.layouts import SegmentationDataset
@@ -91,7 +92,7 @@ def make_pseudo_labels(
         }
     )
     if is_main():
-        (out / "stats.json").write_text(json.dumps(stats, indent=1))
+        write_text_atomic(out / "stats.json", json.dumps(stats, indent=1))
     if grouped:
         barrier()  # the other ranks read the tables rank 0 just wrote
     return stats
@@ -120,7 +121,8 @@ def _seg_row(
         row.update({k: round(v, 5) for k, v in pseudo_mask_agreement(mask, truth).items()})
     if keep:
         name = item.id.replace("/", "__") + ".png"
-        Image.fromarray(mask).save(out / "masks" / name)
+        with atomic_path(out / "masks" / name, fsync=False) as tmp:
+            Image.fromarray(mask).save(tmp, format="PNG")
         row["mask"] = name
     return row
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from medstudent.atomic import write_text_atomic
 from medstudent.config import RunConfig
 from medstudent.distributed import is_main
 from medstudent.errors import DataError
@@ -37,9 +38,7 @@ class State:
     def save(self) -> None:
         if not is_main():
             return
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.doc, indent=1))
-        tmp.replace(self.path)  # atomic: an interruption never leaves half a state file
+        write_text_atomic(self.path, json.dumps(self.doc, indent=1))  # a kill never leaves half a state
 
 
 def _fmt(v: Any) -> str:
@@ -85,7 +84,7 @@ def write_summary(root: Path, state: State, cfg: RunConfig) -> dict[str, Any]:
     write_csv(root / "summary.csv", rows, fields=SUMMARY_FIELDS)
     lines = ["| " + " | ".join(SUMMARY_FIELDS) + " |", "|" + "---|" * len(SUMMARY_FIELDS)]
     lines += ["| " + " | ".join(_fmt(r.get(f)) for f in SUMMARY_FIELDS) + " |" for r in rows]
-    (root / "summary.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(root / "summary.md", "\n".join(lines) + "\n")
     metric = primary_metric(cfg.data.task)  # mean_dice | accuracy, as `cv` writes them
     dataset = Path(cfg.data.root).resolve().name
     for split_name, fname in (("val", "results.csv"), ("test", "test_results.csv")):

@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from medstudent.atomic import write_text_atomic
 from medstudent.rundir import RunDir
 
 
@@ -78,12 +79,16 @@ class FitEpochsToTime(Callback):
         self.last_plan_s: float | None = None
         self.configured = 1
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.start = _clock()
-        self.before_s = self.spent_s
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # here, not at train start: a resumed run loads its first batch (augmentation policy decaying to
+        # max_epochs) before on_train_start, but after callbacks got their state back
         self.configured = int(trainer.fit_loop.max_epochs or 1)  # the config's, before any plan
         if self.planned is not None:  # resumed: keep the plan made before
             trainer.fit_loop.max_epochs = self.planned
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = _clock()
+        self.before_s = self.spent_s
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         done = trainer.current_epoch + 1
@@ -154,4 +159,4 @@ class RankReport(Callback):
             "indices": sorted(set(self.seen)),
             "weights_sha256": state_digest(pl_module.model.state_dict()),
         }
-        (out / f"rank_{trainer.global_rank}.json").write_text(json.dumps(report))
+        write_text_atomic(out / f"rank_{trainer.global_rank}.json", json.dumps(report))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import random
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
 from medstudent.config import RunConfig
 from medstudent.data.layouts import ClassificationDataset, SegmentationDataset, open_labeled
@@ -89,33 +91,104 @@ def make_loaders(cfg: RunConfig, prep: Prepared, extra_train: torch.utils.data.D
             part.transform = transform
         train_ds = torch.utils.data.ConcatDataset([train_ds, extra_train])
         train_ds.transform = transform  # type: ignore[attr-defined]
-    sampler = None
     if t.balanced_sampling and d.task == "classification":
         labels = np.array([ds.items[i].label for i in prep.train_idx])
         freq = np.bincount(labels, minlength=ds.num_classes).astype(float)
         weights = 1.0 / freq[labels]
-        sampler = WeightedRandomSampler(
-            torch.as_tensor(weights),
-            num_samples=len(labels),
-            replacement=True,
-            generator=torch.Generator().manual_seed(t.seed),
-        )
-    g = torch.Generator().manual_seed(t.seed)
+        sampler: EpochStart = EpochWeightedSampler(torch.as_tensor(weights), len(labels), seed=t.seed)
+    else:
+        sampler = EpochRandomSampler(train_ds, seed=t.seed)
+    transform = train_ds.transform  # type: ignore[attr-defined]
+    sampler.on_epoch.append(lambda epoch: seed_epoch(t.seed, epoch, transform))
     # Workers are re-created each epoch (not persistent) so the decaying augmentation policy reaches them.
     kw = {"num_workers": d.num_workers}
     train_loader = DataLoader(
         train_ds,
         batch_size=t.batch_size,
-        shuffle=sampler is None,
         sampler=sampler,
         # a final batch of one sample would break BatchNorm in training mode ("expected more than 1 value
         # per channel"), so it is dropped even without train.drop_last
         drop_last=len(train_ds) > t.batch_size and (t.drop_last or len(train_ds) % t.batch_size == 1),
-        generator=g,
         **kw,
     )
     val_loader = DataLoader(val_ds, batch_size=val_bs, shuffle=False, **kw)
     return train_loader, val_loader
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit seed for one epoch of a run: a function of (seed, epoch) only, so a resumed run draws the
+    same numbers in that epoch as an uninterrupted one."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+def seed_epoch(seed: int, epoch: int, transform: object | None = None) -> None:
+    """Reseed everything random in a training epoch in this process: Python's, NumPy's and torch's global
+    generators (dropout, stochastic depth) and the augmentation pipeline's own generators (albumentations
+    keeps them apart from the global ones). DataLoader workers reseed their pipeline copies themselves
+    (WorkerSeededCompose) from the worker seed."""
+    s = epoch_seed(seed, epoch)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+    compose = getattr(transform, "compose", transform)
+    if hasattr(compose, "reseed"):
+        compose.reseed(s)
+
+
+class EpochStart:
+    """A training sampler that starts every epoch from a state given by (seed, epoch) alone.
+
+    Torch's samplers draw each epoch's order from a generator seeded once, so epoch k's order depends on
+    the epochs drawn before it in the same process, and a run resumed at epoch k shuffles differently from
+    an uninterrupted one (so do its augmentations and dropout). Here the order generator is reseeded per
+    epoch and `on_epoch` hooks (global RNGs, augmentation: `seed_epoch`) run when the epoch's first index is
+    drawn, i.e. before its first sample is loaded. That is the one point that comes before every batch:
+    Lightning fetches the first batch of a session when it sets up the data, before `set_epoch` and before
+    any epoch hook; hence `epoch_fn` (the trainer's epoch counter) is preferred to `set_epoch`'s value."""
+
+    generator: torch.Generator
+
+    def _init_epochs(self, seed: int) -> None:
+        self.seed = int(seed)
+        self.epoch = 0
+        self.epoch_fn: Callable[[], int] | None = None
+        self.on_epoch: list[Callable[[int], None]] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at each epoch start (too late for a session's first batch, see above)."""
+        self.epoch = int(epoch)
+
+    def _begin_epoch(self) -> None:
+        epoch = int(self.epoch_fn()) if self.epoch_fn is not None else self.epoch
+        self.generator.manual_seed(epoch_seed(self.seed, epoch) ^ 0x5EED)
+        for hook in self.on_epoch:
+            hook(epoch)
+
+
+class EpochRandomSampler(EpochStart, RandomSampler):
+    """Shuffling (a RandomSampler, so Lightning still swaps in a DistributedSampler for DDP) per epoch."""
+
+    def __init__(self, data_source, seed: int):
+        RandomSampler.__init__(self, data_source, generator=torch.Generator())
+        self._init_epochs(seed)
+
+    def __iter__(self) -> Iterator[int]:
+        self._begin_epoch()
+        yield from RandomSampler.__iter__(self)
+
+
+class EpochWeightedSampler(EpochStart, WeightedRandomSampler):
+    """Class-balanced sampling with replacement, reseeded per epoch like EpochRandomSampler."""
+
+    def __init__(self, weights: torch.Tensor, num_samples: int, seed: int):
+        WeightedRandomSampler.__init__(
+            self, weights, num_samples, replacement=True, generator=torch.Generator()
+        )
+        self._init_epochs(seed)
+
+    def __iter__(self) -> Iterator[int]:
+        self._begin_epoch()
+        yield from WeightedRandomSampler.__iter__(self)
 
 
 def _leaves(ds: torch.utils.data.Dataset) -> list:

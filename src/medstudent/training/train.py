@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from medstudent.atomic import atomic_path, remove_stale_temps, write_text_atomic
 from medstudent.config import RunConfig, save_config
 from medstudent.data.splits import save_split
 from medstudent.distributed import is_main
@@ -33,8 +34,9 @@ from medstudent.precision import accelerator_device_type, resolve_precision
 from medstudent.provenance import data_fingerprint, dataset_files, write_env
 from medstudent.rundir import RunDir
 from medstudent.training.callbacks import EpochAwareTransforms, FitEpochsToTime, RankReport
+from medstudent.training.checkpoint_io import AtomicCheckpointIO
 from medstudent.training.curves import training_curves_png
-from medstudent.training.loaders import Prepared, class_weights_for, make_loaders, prepare_data
+from medstudent.training.loaders import EpochStart, Prepared, class_weights_for, make_loaders, prepare_data
 from medstudent.training.module import TaskModule
 
 __all__ = ["Prepared", "ensemble_members", "prepare_data", "run_dir_for", "train"]
@@ -116,6 +118,7 @@ def build_trainer(
         deterministic="warn" if t.deterministic else False,
         check_val_every_n_epoch=t.val_every,
         callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
         logger=loggers,
         enable_progress_bar=progress,
         enable_model_summary=False,
@@ -156,6 +159,8 @@ def train(
     if resume and not last.is_file():
         raise DataError(last, "cannot resume: no last checkpoint in this run folder")
     main = is_main()  # other ranks (DDP) rerun this function; only rank 0 checks and writes the run folder
+    if main:
+        remove_stale_temps(rd.checkpoints)  # what a run killed while saving a checkpoint left behind
     if main and not resume and rd.checkpoints.exists() and any(rd.checkpoints.iterdir()):
         raise DataError(
             run_dir, "already holds checkpoints; pass --resume to continue or choose another name"
@@ -179,6 +184,7 @@ def train(
     if init_from is not None and not resume:
         _init_weights(module, Path(init_from))
     trainer = build_trainer(cfg, run_dir, progress=progress)
+    _follow_trainer_epochs(train_loader, trainer)
     csv_log = rd.logs / "metrics.csv"
     earlier = csv_log.read_text() if resume and csv_log.is_file() else None  # CSVLogger truncates on reuse
     start = time.time()
@@ -191,6 +197,18 @@ def train(
     if trainer.global_rank == 0:
         finish_run(run_dir, trainer, prep, minutes)
     return run_dir
+
+
+def _follow_trainer_epochs(loader: torch.utils.data.DataLoader, trainer: L.Trainer) -> None:
+    """Let the training sampler start each epoch (seeds, augmentation policy) from the trainer's epoch
+    counter, which a resumed run restores before it loads its first batch (see EpochStart)."""
+    sampler = loader.sampler
+    if not isinstance(sampler, EpochStart):
+        return
+    sampler.epoch_fn = lambda: trainer.fit_loop.epoch_progress.current.processed
+    transform = getattr(loader.dataset, "transform", None)
+    if hasattr(transform, "set_epoch"):
+        sampler.on_epoch.insert(0, lambda epoch: transform.set_epoch(epoch, trainer.max_epochs or 1))
 
 
 def _init_weights(module: TaskModule, ckpt_path: Path) -> None:
@@ -212,7 +230,8 @@ def _merge_logs(csv_log: Path, earlier: str) -> None:
     after = pd.read_csv(csv_log) if csv_log.is_file() else before.iloc[:0]
     if "epoch" in after and after["epoch"].notna().any():
         before = before[before["epoch"] < after["epoch"].min()]
-    pd.concat([before, after], ignore_index=True).to_csv(csv_log, index=False)
+    with atomic_path(csv_log) as tmp:
+        pd.concat([before, after], ignore_index=True).to_csv(tmp, index=False)
 
 
 def finish_run(run_dir: Path, trainer: L.Trainer, prep: Prepared, minutes: float) -> dict:
@@ -234,12 +253,13 @@ def finish_run(run_dir: Path, trainer: L.Trainer, prep: Prepared, minutes: float
         "n_test": len(prep.test_idx),
         "class_names": prep.dataset.class_names,
     }
-    rd.metrics.write_text(json.dumps(metrics, indent=1))
+    write_text_atomic(rd.metrics, json.dumps(metrics, indent=1))  # cv and ensembles read it as 'done'
     csv = rd.logs / "metrics.csv"
     if csv.is_file():
         training_curves_png(csv, rd.curves)
     if not rd.best_ckpt.is_file() and rd.last_ckpt.is_file():
-        shutil.copy(rd.last_ckpt, rd.best_ckpt)  # no validation ran: last is best
+        with atomic_path(rd.best_ckpt) as tmp:  # no validation ran: last is best
+            shutil.copyfile(rd.last_ckpt, tmp)
     return metrics
 
 
