@@ -132,7 +132,7 @@ def predict_folder(
             return {"images": len(images), "predicted": len(rows), "skipped": skipped, "rank": rank}
         rows, skipped = merged
     if task == "classification" and rows:
-        with open(out / "predictions.csv", "w", newline="") as f:
+        with atomic_path(out / "predictions.csv") as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
