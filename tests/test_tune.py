@@ -253,7 +253,7 @@ def _free_port() -> int:
 @pytest.fixture
 def postgres_url():
     """A throwaway PostgreSQL cluster on a free port; yields its SQLAlchemy URL, removed afterwards."""
-    pytest.importorskip("psycopg2", reason="psycopg2 is not installed (pip install psycopg2-binary)")
+    pytest.importorskip("psycopg", reason="psycopg 3 is not installed (the dev extra brings psycopg[binary])")
     bindir = _pg_bindir()
     root = os.geteuid() == 0
     if bindir is None and root and os.environ.get("CI") == "true" and shutil.which("apt-get"):
