@@ -99,3 +99,24 @@ def test_evaluate_reports_lesions_sizes_and_boundaries(tmp_path):
     saved = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert saved["lesion_f1_ci95"][0] <= 0.5 <= saved["lesion_f1_ci95"][1]
     assert (tmp_path / "report" / "lesions_by_size.csv").is_file()
+
+
+def test_evaluate_scores_every_class_of_label_maps(tmp_path):
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir()
+    gt_dir.mkdir()
+    gt = np.zeros((20, 20), np.uint8)
+    gt[:10] = 1
+    gt[10:, :10] = 2
+    pred = gt.copy()
+    pred[10:, :10] = 1  # class 2 predicted as class 1
+    Image.fromarray(gt).save(gt_dir / "a.png")
+    Image.fromarray(pred).save(pred_dir / "a.png")
+    s = evaluate_segmentation(pred_dir, gt_dir, tmp_path / "report")
+    assert s["mean_dice"] == 1.0  # the headline: foreground against background
+    assert s["mean_dice_class_1"] == pytest.approx(2 * 200 / (300 + 200)) and s["mean_dice_class_2"] == 0.0
+    assert s["mean_class_dice"] == pytest.approx((0.8 + 0.0) / 2)
+    # binary 0/255 masks stay binary: no per-class columns
+    Image.fromarray(gt.astype(bool).astype(np.uint8) * 255).save(gt_dir / "a.png")
+    Image.fromarray(pred.astype(bool).astype(np.uint8) * 255).save(pred_dir / "a.png")
+    assert "mean_class_dice" not in evaluate_segmentation(pred_dir, gt_dir, tmp_path / "report2")

@@ -21,7 +21,13 @@ from medstudent.data.io import IMAGE_EXTS, list_images, read_image, read_mask
 from medstudent.data.labelme import labelme_to_mask
 from medstudent.data.layouts import ClassificationDataset, SegmentationDataset, detect_layout, open_dataset
 from medstudent.errors import DataError
-from medstudent.evaluation.lesions import boundary_scores, detection_scores, match_lesions, size_table
+from medstudent.evaluation.lesions import (
+    boundary_scores,
+    detection_scores,
+    match_lesions,
+    per_class_scores,
+    size_table,
+)
 from medstudent.evaluation.metrics import bootstrap_ci
 from medstudent.evaluation.report import cls_gallery_png, confusion_matrix_png, seg_gallery_png
 from medstudent.evaluation.scoring import cls_summary, seg_row, seg_summary
@@ -81,9 +87,10 @@ def evaluate_segmentation(
             pred, f"has no prediction for {len(missing)} ground-truth image(s), e.g. {missing[0]}"
         )
     rows, pm, gm, matches = [], [], [], []
+    names: list[str] | None = None  # class names, looked up once the first label map shows up
     for stem in sorted(loaders):
-        g = loaders[stem]() > 0
-        p = read_mask(preds[stem]) > 0
+        g_ids, p_ids = _label_ids(loaders[stem]()), _label_ids(read_mask(preds[stem]))
+        g, p = g_ids > 0, p_ids > 0  # the headline scores: any foreground class against background
         if p.shape != g.shape:
             raise DataError(
                 preds[stem],
@@ -94,6 +101,9 @@ def evaluate_segmentation(
         row.update({"lesion_tp": match["tp"], "lesion_fp": match["fp"], "lesion_fn": match["fn"]})
         row.update(detection_scores(match["tp"], match["fp"], match["fn"]))
         row.update(boundary_scores(p, g, tolerance_px))
+        if max(int(g_ids.max(initial=0)), int(p_ids.max(initial=0))) > 1:  # label maps: every class too
+            names = names or _class_names(Path(gt), g_ids, p_ids)
+            row.update(per_class_scores(p_ids, g_ids, names))
         rows.append(row)
         matches.append(match)
         pm.append(p)
@@ -105,6 +115,13 @@ def evaluate_segmentation(
     scores = seg_summary(rows, n_boot=2000, seed=seed)
     summary = {"images": scores.pop("n_images"), **scores, **lesion_summary(df, matches, seed, iou)}
     summary.update(boundary_summary(df, tolerance_px, seed))
+    for col in [c for c in df.columns if c.startswith(("dice_", "iou_")) and c != "dice_raw"] + (
+        ["mean_class_dice", "mean_class_iou"] if "mean_class_dice" in df else []
+    ):
+        values = df[col].dropna().to_numpy()
+        key = col if col.startswith("mean_") else f"mean_{col}"  # mean_dice_<class>, mean_class_dice
+        summary[key] = float(values.mean())
+        summary[f"{key}_ci95"] = list(bootstrap_ci(values, seed=seed))
     by_size = size_table(matches, mpp=mpp)
     summary["lesions_by_size"] = by_size
     with atomic_path(out / "lesions_by_size.csv") as tmp:
@@ -122,6 +139,21 @@ def evaluate_segmentation(
     if gallery:
         seg_gallery_png(gallery, out / "worst.png", f"worst {len(gallery)} by Dice")
     return summary
+
+
+def _label_ids(mask: np.ndarray) -> np.ndarray:
+    """Class ids of a mask: a binary 0/255 PNG (the competition format) becomes 0/1, ids stay ids."""
+    values = np.unique(mask)
+    return (mask > 0).astype(np.uint8) if set(values.tolist()) <= {0, 255} else mask.astype(np.int64)
+
+
+def _class_names(gt: Path, *maps: np.ndarray) -> list[str]:
+    """The ground truth data set's class names when it has them, else class_<id> up to the largest id."""
+    with contextlib.suppress(DataError):  # a bare folder of masks has no class names
+        names = list(getattr(open_dataset(gt), "class_names", None) or [])
+        if len(names) > max(int(m.max(initial=0)) for m in maps):
+            return names
+    return ["background"] + [f"class_{k}" for k in range(1, max(int(m.max(initial=0)) for m in maps) + 1)]
 
 
 def lesion_summary(df: pd.DataFrame, matches: list[dict], seed: int, iou: float) -> dict:
