@@ -18,6 +18,8 @@ from medstudent.config import load_config, valid_tta_scales
 from medstudent.core.budget import BudgetPlan
 from medstudent.core.workflow import predict_images
 from medstudent.data.check import check_dataset
+from medstudent.data.monai_export import export_monai
+from medstudent.data.nnunet import export_nnunet
 from medstudent.data.stats import write_stats
 from medstudent.data.synth import synth_oct, synth_stas
 from medstudent.distributed import launch_local, rank_world
@@ -235,8 +237,6 @@ def data_export_nnunet(
 ) -> None:
     """An nnU-Net v2 raw data set (imagesTr, labelsTr, imagesTs, dataset.json; splits_final.json = the
     split's folds, to copy into nnUNet_preprocessed/DatasetNNN_Name/)."""
-    from medstudent.data.nnunet import export_nnunet
-
     ds, sp = _open_for_export(root, split, empty_if_missing)
     console.print(_kv_table(plain(f"nnU-Net export -> {out}"), export_nnunet(ds, out, sp)))
 
@@ -250,8 +250,6 @@ def data_export_monai(
     empty_if_missing: EmptyIfMissing = False,
 ) -> None:
     """A MONAI datalist (training with folds, test) with the masks written as PNG next to it."""
-    from medstudent.data.monai_export import export_monai
-
     ds, sp = _open_for_export(root, split, empty_if_missing)
     console.print(_kv_table(plain(f"MONAI datalist -> {out}"), export_monai(ds, out, sp)))
 

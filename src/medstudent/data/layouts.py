@@ -1,4 +1,4 @@
-"""The three on-disk layouts users arrive with, behind one `open_dataset` call.
+"""The on-disk layouts users arrive with, behind one `open_dataset` call.
 
 - labelme: images + labelme JSON (`Train_Images/` + `Train_Annotations/` as in the STAS competition,
   `images/` + `annotations/`, or JSON beside the images as labelme saves them);
@@ -6,8 +6,7 @@
 - classification: OCT2017 / ImageFolder (`[train|val|test/]<CLASS>/*.jpeg`);
 - unlabeled: a flat folder of images;
 - nnunet: an nnU-Net v2 raw 2D data set (dataset.json + imagesTr/ + labelsTr/; see data/nnunet.py).
-Item ids are paths relative to the dataset root without extension, stable across machines, so split files
-can name them.
+Item ids are paths relative to the root without extension, stable across machines, so split files name them.
 """
 
 from __future__ import annotations
@@ -90,9 +89,7 @@ def detect_layout(root: str | Path) -> Layout:
         return "classification"
     if len(_image_subdirs(root)) >= 2 and not list_images(root):
         return "classification"
-    if list_images(root):
-        return "unlabeled"
-    if _first_dir(root, UNLABELED_DIRS) is not None:
+    if list_images(root) or _first_dir(root, UNLABELED_DIRS) is not None:
         return "unlabeled"
     raise DataError(
         root,
@@ -239,9 +236,7 @@ class UnlabeledDataset:
 
 
 def open_segmentation(
-    root: str | Path,
-    label_map: Mapping[str, int] | None = None,
-    empty_if_missing: bool = False,
+    root: str | Path, label_map: Mapping[str, int] | None = None, empty_if_missing: bool = False
 ) -> SegmentationDataset:
     """Pair images with labelme JSON or mask files by stem. An nnU-Net folder brings its own pairing and
     labels (dataset.json is authoritative: label_map and empty_if_missing do not apply)."""
