@@ -33,6 +33,9 @@ class DataConfig(Section):
     n_folds: int = 5
     split_seed: int = 0
     label_map: dict[str, int] | None = None  # labelme label -> class id; default: every label is class 1
+    # micrometres per pixel of the images as stored (None: unknown). Recorded in the run and its export;
+    # `predict-slide` reads slides at this resolution. STAS tiles: state it (e.g. data.mpp=0.5).
+    mpp: float | None = Field(None, gt=0, le=1000, allow_inf_nan=False)
     empty_if_missing: bool = False
     group_regex: str | None = r"^[A-Za-z]+-(\d+)-\d+$"
     skip_bad: bool = False

@@ -114,6 +114,8 @@ class PipelineSpec(_Spec):
     tta_scales: list[float] = Field(default_factory=lambda: [1.0])
     ensemble: EnsembleSpec = Field(default_factory=EnsembleSpec)
     postprocess: PostprocessConfig | None = None
+    # um/px of the images the members were trained on (`data.mpp`); None: unknown. Slides are read at it.
+    mpp: float | None = Field(None, gt=0, le=1000, allow_inf_nan=False)
     members: list[MemberSpec] = Field(min_length=1)
 
     @field_validator("tta_scales", mode="before")

@@ -51,6 +51,9 @@ def pipeline_spec(
         raise DataError(None, f"need {len(predictors)} non-negative weight(s), got {list(weights or [])}")
     w = w / w.sum()
     seg = first.task == "segmentation"
+    mpps = {p.cfg.data.mpp for p in predictors} - {None}
+    if len(mpps) > 1:
+        raise DataError(None, f"the runs were trained at different um/px ({sorted(mpps)}); cannot ensemble")
     return PipelineSpec(
         task=first.task,
         class_names=first.class_names,
@@ -59,6 +62,7 @@ def pipeline_spec(
         tta_scales=[float(f) for f in (tta_scales or first.cfg.predict.tta_scales)],
         ensemble=EnsembleSpec(mode=ensemble or first.cfg.predict.ensemble, weights=[float(v) for v in w]),
         postprocess=first.postprocess if seg else None,
+        mpp=mpps.pop() if mpps else None,
         members=[member_spec(p, float(v)) for p, v in zip(predictors, w, strict=True)],
     )
 

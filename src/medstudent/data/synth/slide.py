@@ -2,8 +2,7 @@
 
 A `Canvas` is a white slide with RGB islands pasted at level-0 positions (synthetic STAS fields, or real
 tiles in benchmarks). `write_pyramid_tiff` streams it tile by tile into a generic tiled pyramidal TIFF
-(levels as successive pages, each `downsample` times smaller, resolution tags in centimetres), the layout
-OpenSlide reads as "generic-tiff" with its um/px, so a 40,000 px slide is written without holding it.
+(`data.pyramid`), which OpenSlide reads with its um/px, so a 40,000 px slide is written without holding it.
 """
 
 from __future__ import annotations
@@ -13,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import tifffile
 from PIL import Image
 
+from medstudent.data.pyramid import write_pyramid
 from medstudent.data.synth.stas import render_stas
 
 
@@ -79,45 +78,13 @@ class Canvas:
 
 
 def write_pyramid_tiff(
-    path: str | Path,
-    canvas: Canvas,
-    mpp: float,
-    tile: int = 256,
-    downsample: int = 4,
-    min_side: int = 512,
-    with_resolution: bool = True,
+    path: str | Path, canvas: Canvas, mpp: float, tile: int = 256, with_resolution: bool = True
 ) -> Path:
-    """Write `canvas` as a tiled pyramidal TIFF at `mpp` um/px (level 0); levels `downsample` apart until
-    the longer side is under `min_side`. with_resolution=False leaves out the resolution tags (a slide
-    without um/px, for the error path)."""
-    path = Path(path)
-    levels = [1]
-    while max(canvas.width, canvas.height) / (levels[-1] * downsample) >= min_side:
-        levels.append(levels[-1] * downsample)
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        for k, ds in enumerate(levels):
-            w, h = math.ceil(canvas.width / ds), math.ceil(canvas.height / ds)
-
-            def tiles(w: int = w, h: int = h, ds: int = ds):
-                for ty in range(0, h, tile):
-                    for tx in range(0, w, tile):
-                        yield canvas.render(tx, ty, tile, tile, ds)
-
-            res = {}
-            if with_resolution:
-                px_per_cm = 1e4 / (mpp * ds)
-                res = {"resolution": (px_per_cm, px_per_cm), "resolutionunit": "CENTIMETER"}
-            tw.write(
-                tiles(),
-                shape=(h, w, 3),
-                dtype=np.uint8,
-                tile=(tile, tile),
-                photometric="rgb",
-                compression="zlib",
-                subfiletype=1 if k else 0,
-                **res,
-            )
-    return path
+    """Write `canvas` as a tiled pyramidal TIFF at `mpp` um/px (level 0). with_resolution=False leaves
+    out the resolution tags (a slide without um/px, for the error path)."""
+    return write_pyramid(
+        path, canvas.width, canvas.height, canvas.render, mpp if with_resolution else None, tile=tile
+    )
 
 
 def synthetic_stas_canvas(
