@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pandas as pd
 import pytest
+import tifffile
 import torch
 from PIL import Image
 from typer.testing import CliRunner
@@ -463,3 +464,39 @@ def test_bad_inputs_give_one_line_errors_naming_the_file(seg_model, few_images, 
     assert (
         summary["predicted"] == 4 and len(summary["skipped"]) == 1 and "corrupt.jpg" in summary["skipped"][0]
     )
+
+
+@pytest.mark.slow  # trains the tiny models (module fixtures)
+def test_predict_slide_engines_agree_with_predict_on_the_tiles(seg_model, seg_runs, few_images, tmp_path):
+    """predict-slide through the CLI with the torch and the ONNX engine on a slide made of the images:
+    the engines agree, and the slide's mask cropped back to each image agrees with `predict` on it."""
+    from medstudent.data.synth.slide import Canvas, Island, write_pyramid_tiff
+
+    files = sorted(few_images.glob("*.jpg"))
+    canvas = Canvas(2400, 1600)
+    places = [(200, 200), (1200, 300), (400, 900)]
+    for (x, y), f in zip(places, files, strict=True):
+        canvas.islands.append(Island(x, y, read_image(f)))
+    write_pyramid_tiff(tmp_path / "slides" / "case.tif", canvas, mpp=1.0)  # tissue islands > 20,000 um^2
+    tile_out = tmp_path / "tiles"
+    res = runner.invoke(app, ["predict", *map(str, seg_runs), "-i", str(few_images), "-o", str(tile_out)])
+    assert res.exit_code == 0, res.output
+    outs = {}
+    for engine, model in (("torch", list(map(str, seg_runs))), ("onnx", [str(seg_model)])):
+        outs[engine] = tmp_path / engine
+        args = ["predict-slide", *model, "-s", str(tmp_path / "slides"), "-o", str(outs[engine])]
+        res = runner.invoke(app, [*args, "--engine", engine, "--model-mpp", "1.0", "--region", "512"])
+        assert res.exit_code == 0, res.output
+        assert "1 slide(s) predicted" in res.output
+    pt = tifffile.imread(outs["torch"] / "case" / "prob.tif").astype(int)
+    po = tifffile.imread(outs["onnx"] / "case" / "prob.tif").astype(int)
+    assert np.abs(pt - po).max() <= 2
+    mask = tifffile.imread(outs["torch"] / "case" / "mask.tif") > 0
+    step = 4  # scale 1.0: map pixels are 4 model pixels
+    for (x, y), f in zip(places, files, strict=True):
+        tile = np.asarray(Image.open(tile_out / "masks" / f"{f.stem}.png")) > 0
+        h, w = (tile.shape[0] // step) * step, (tile.shape[1] // step) * step
+        ref = tile[:h, :w].reshape(h // step, step, w // step, step).mean(axis=(1, 3)) > 0.5
+        crop = mask[y // step : y // step + h // step, x // step : x // step + w // step]
+        inter, total = (crop & ref).sum(), crop.sum() + ref.sum()
+        assert total == 0 or 2 * inter / total > 0.9, f.name

@@ -149,13 +149,16 @@ def _on_white(rgba: np.ndarray) -> np.ndarray:
     """RGB of an RGBA region composited on white (OpenSlide returns un-premultiplied RGBA)."""
     if rgba.ndim == 2:
         return np.repeat(rgba[..., None], 3, axis=2)
+    rgb = np.ascontiguousarray(rgba[..., :3])
     if rgba.shape[2] == 3:
-        return rgba
-    rgb = rgba[..., :3].astype(np.float32)
-    a = rgba[..., 3:4].astype(np.float32) / 255.0
-    if (a == 1).all():
-        return np.ascontiguousarray(rgba[..., :3])
-    return np.clip(rgb * a + 255.0 * (1 - a) + 0.5, 0, 255).astype(np.uint8)
+        return rgb
+    alpha = rgba[..., 3]
+    clear = alpha < 255
+    if not clear.any():  # the usual case inside a slide: opaque
+        return rgb
+    a = alpha[clear].astype(np.float32)[:, None] / 255.0
+    rgb[clear] = np.clip(rgb[clear] * a + 255.0 * (1 - a) + 0.5, 0, 255).astype(np.uint8)
+    return rgb
 
 
 def list_slides(sources: list[str | Path]) -> list[Path]:

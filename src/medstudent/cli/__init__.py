@@ -834,6 +834,11 @@ def compare_cmd(
     console.print(f"report -> {files['markdown']}")
 
 
+# The whole-slide commands live in their own module; imported last because it registers on `app` and
+# `data_app` and uses the helpers above.
+from medstudent.cli import slides as _slides  # noqa: E402,F401
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

@@ -1,0 +1,90 @@
+"""`medstudent predict-slide` and `medstudent data from-slides`: whole slides in and QuPath GeoJSON out,
+and QuPath annotations back in as a training data set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from medstudent.cli import (
+    _load_engine,
+    _progress,
+    app,
+    console,
+    one_line_errors,
+    parse_scales,
+    plain,
+)
+from medstudent.data.slide import list_slides
+from medstudent.distributed import launch_local, rank_world
+from medstudent.slides.cohort import predict_cohort
+from medstudent.slides.stream import MARGIN, REGION
+
+
+@app.command("predict-slide")
+@one_line_errors
+def predict_slide_cmd(
+    model: Annotated[
+        list[Path], typer.Argument(help="run folders / run roots (torch) or one exported folder (onnx)")
+    ],
+    slides: Annotated[list[Path], typer.Option("-s", "--slides", help="slide files or folders of slides")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="output folder (one subfolder per slide)")],
+    mpp: Annotated[
+        float | None, typer.Option(help="um/px of slides whose metadata has none (ignored otherwise)")
+    ] = None,
+    model_mpp: Annotated[
+        float | None, typer.Option(help="um/px the model was trained at, when its run has no data.mpp")
+    ] = None,
+    tta: Annotated[str | None, typer.Option(help="none | flip | d4 (default: the run's)")] = None,
+    tta_scales: Annotated[str | None, typer.Option(help="multi-scale TTA factors, e.g. 1,1.25")] = None,
+    tile: Annotated[int | None, typer.Option(help="sliding-window size inside each region")] = None,
+    region: Annotated[int, typer.Option(help="region side at the model's um/px (pixels)")] = REGION,
+    margin: Annotated[int, typer.Option(help="context around each region (pixels), cut off")] = MARGIN,
+    tissue: Annotated[bool, typer.Option(help="predict only where tissue is detected")] = True,
+    postprocess: Annotated[bool, typer.Option(help="apply the run's post-processing (in um)")] = True,
+    engine: Annotated[str, typer.Option(help="torch or onnx")] = "torch",
+    precision: Annotated[str, typer.Option(help="torch engine: 32, bf16 or auto")] = "32",
+    device: Annotated[str, typer.Option(help="torch engine: auto, cpu, cuda, cuda:N")] = "auto",
+    int8: Annotated[bool | None, typer.Option("--int8/--fp32", help="onnx engine: int8 or float32")] = None,
+    devices: Annotated[int, typer.Option(help="processes sharing the slides (each takes every n-th)")] = 1,
+) -> None:
+    """Predict whole slides: probability and mask pyramids, QuPath GeoJSON objects, summary per slide,
+    and a cohort index.html. A rerun skips finished slides; a bad slide is listed in skipped.txt."""
+    if devices > 1 and rank_world()[1] == 1:
+        raise typer.Exit(launch_local(devices))
+    files = list_slides(slides)
+    engine_obj = _load_engine(engine, model, precision=precision, device=device, int8=int8)
+    with _progress() as bar:
+        task = bar.add_task("slides", total=None)
+
+        def on_slide(i: int, n: int, stem: str) -> None:
+            bar.update(task, completed=0, total=None, description=f"slide {i + 1}/{n} {plain(stem)}: tissue")
+
+        def on_region(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        summary = predict_cohort(
+            engine_obj,
+            files,
+            out,
+            on_slide=on_slide,
+            on_region=on_region,
+            slide_mpp=mpp,
+            model_mpp=model_mpp,
+            tta=tta,
+            tile=tile,
+            scales=parse_scales(tta_scales),
+            postprocess=postprocess,
+            tissue=tissue,
+            region=region,
+            margin=margin,
+        )
+    console.print(
+        f"{summary['predicted']} slide(s) predicted, {summary['already_done']} already done, "
+        f"{len(summary['skipped'])} skipped -> {plain(out)}/index.html",
+        highlight=False,
+    )
+    for s in summary["skipped"]:
+        console.print(f"[yellow]skipped:[/] {plain(s)}", highlight=False)
