@@ -38,6 +38,7 @@ from medstudent.errors import ConfigError, DataError
 
 MIN_TISSUE_FRACTION = 0.5  # a negative tile is at least half tissue (by the thumbnail's tissue mask)
 ANNOTATION_SUFFIXES = (".geojson", ".json")
+MAX_CLASS_ID = 50  # data.io.read_mask takes larger values (and 0/255) for something else than class ids
 COLUMNS = ["slide", "x", "y", "mpp", "tile", "positive_pixels", "kind", "level0_x", "level0_y", "image"]
 
 
@@ -234,10 +235,15 @@ def extract_tiles(
     slides, annotations, out = [Path(p) for p in slides], Path(annotations), Path(out)
     if not (isinstance(mpp, int | float) and math.isfinite(mpp) and mpp > 0):
         raise ConfigError(None, f"--mpp must be a positive number of um/px, got {mpp}")
-    if not (isinstance(tile, int) and 16 <= tile <= 8192):
+    if not (isinstance(tile, int | np.integer) and not isinstance(tile, bool) and 16 <= tile <= 8192):
         raise ConfigError(None, f"--tile must be an integer from 16 to 8192 px, got {tile}")
     if not (math.isfinite(negatives) and negatives >= 0):
         raise ConfigError(None, f"negatives must be a number >= 0, got {negatives}")
+    bad_ids = {
+        k: v for k, v in (label_map or {}).items() if not isinstance(v, int) or not 0 <= v <= MAX_CLASS_ID
+    }
+    if bad_ids:
+        raise ConfigError(None, f"label_map ids must be 0..{MAX_CLASS_ID} in mask PNGs, got {bad_ids}")
     if not slides:
         raise DataError(None, "no slides given")
     stems = [p.stem for p in slides]
