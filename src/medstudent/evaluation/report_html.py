@@ -17,6 +17,7 @@ import math
 import tempfile
 from collections.abc import Callable, Sequence
 from html import escape
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -154,8 +155,9 @@ def summary_html(summary: dict) -> str:
 def per_image_html(df: pd.DataFrame) -> str:
     """The sortable per-image table: each cell keeps its raw value in data-v (the sorter's key)."""
     kinds = {c: "num" if pd.api.types.is_numeric_dtype(df[c]) and df[c].dtype != bool else "text" for c in df}
+    text = ' class="t"'
     head = "".join(
-        f'<th data-col="{escape(str(c))}" data-type="{kinds[c]}"{" class=t" if kinds[c] == "text" else ""}>'
+        f'<th data-col="{escape(str(c))}" data-type="{kinds[c]}"{text if kinds[c] == "text" else ""}>'
         f"{escape(str(c))}</th>"
         for c in df.columns
     )
@@ -231,14 +233,15 @@ def write_seg_report(
     by_size = summary.get("lesions_by_size") or []
     if by_size:
         sections.append(("lesion recall and Dice by size", img_html(size_plot_png(by_size), "by size")))
-    ranked = per_image.sort_values("dice", kind="stable")
-    tiles = [t for t in (tile(i) for i in ranked["id"]) if t is not None]
-    worst, best = tiles[:n], tiles[n:][-n:][::-1]
+    ranked = list(per_image.sort_values("dice", kind="stable")["id"])
+    worst = list(islice(filter(None, map(tile, ranked)), n))  # lazily: only the images shown are read
+    shown = {t["id"] for t in worst}
+    best = list(islice(filter(None, (tile(i) for i in reversed(ranked) if i not in shown)), n))
     if worst:
         sections.append((f"worst {len(worst)} by Dice", img_html(_gallery(worst, "worst by Dice"), "worst")))
     if best:
         sections.append((f"best {len(best)} by Dice", img_html(_gallery(best, "best by Dice"), "best")))
-    if not tiles:
+    if not worst:
         sections.append(("overlays", '<p class="note">no overlays: the images are not known</p>'))
     sections.append(("per image", per_image_html(per_image)))
     path = Path(out) / "report.html"
