@@ -5,7 +5,8 @@
 - masks: `images/` + `masks/` with the same stem;
 - classification: OCT2017 / ImageFolder (`[train|val|test/]<CLASS>/*.jpeg`);
 - unlabeled: a flat folder of images;
-- nnunet: an nnU-Net v2 raw 2D data set (dataset.json + imagesTr/ + labelsTr/; see data/nnunet.py).
+- nnunet: an nnU-Net v2 raw 2D data set (dataset.json + imagesTr/ + labelsTr/; see data/nnunet.py);
+- monai: a MONAI datalist .json (images + label masks, `data export-monai`'s; see data/monai_datalist.py).
 Item ids are paths relative to the root without extension, stable across machines, so split files name them.
 """
 
@@ -23,7 +24,7 @@ from medstudent.data.io import IMAGE_EXTS, is_folder, list_dir, list_images, os_
 from medstudent.data.labelme import labelme_to_mask, read_labelme
 from medstudent.errors import ConfigError, DataError
 
-Layout = Literal["labelme", "masks", "classification", "unlabeled", "nnunet"]
+Layout = Literal["labelme", "masks", "classification", "unlabeled", "nnunet", "monai"]
 
 IMAGE_DIRS = ("Train_Images", "images", "Images", "imgs")
 ANNOTATION_DIRS = ("Train_Annotations", "annotations", "Annotations", "labelme", "json")
@@ -70,6 +71,8 @@ def _by_stem(paths: list[Path], root: Path, what: str) -> dict[str, Path]:
 def detect_layout(root: str | Path) -> Layout:
     """Guess the layout of `root`; raises DataError when it matches none."""
     root = Path(root)
+    if root.suffix.lower() == ".json" and root.is_file():
+        return "monai"
     if not is_folder(root):
         raise DataError(root, "not a folder")
     if is_folder(root / "imagesTr"):
@@ -238,15 +241,15 @@ class UnlabeledDataset:
 def open_segmentation(
     root: str | Path, label_map: Mapping[str, int] | None = None, empty_if_missing: bool = False
 ) -> SegmentationDataset:
-    """Pair images with labelme JSON or mask files by stem. An nnU-Net folder brings its own pairing and
-    labels (dataset.json is authoritative: label_map and empty_if_missing do not apply)."""
+    """Pair images with labelme JSON or mask files by stem. An nnU-Net folder (or a MONAI datalist) brings its
+    own pairing and labels (dataset.json is authoritative: label_map and empty_if_missing do not apply)."""
     root = Path(root)
     layout = detect_layout(root)
-    if layout == "nnunet":
-        # deferred: data.nnunet builds on this module's SegmentationDataset (an import cycle otherwise)
-        from medstudent.data.nnunet import open_nnunet
+    if layout in ("nnunet", "monai"):
+        # deferred: data.nnunet and data.monai_datalist build on this module's SegmentationDataset (a cycle)
+        from medstudent.data import monai_datalist, nnunet
 
-        return open_nnunet(root)
+        return nnunet.open_nnunet(root) if layout == "nnunet" else monai_datalist.open_monai_datalist(root)
     if layout not in ("labelme", "masks"):
         raise DataError(root, f"is a {layout} folder, not a segmentation data set")
     img_dir = _first_dir(root, IMAGE_DIRS) or root
@@ -321,12 +324,8 @@ def _default_foreground_name(items: list[SegItem], layout: str) -> str:
 
 def patient_group(name: str, group_regex: str | None = KERMANY_GROUP_REGEX) -> str | None:
     """Patient id from a file stem: the regex's first group (or whole match); None when it does not match."""
-    if not group_regex:
-        return None
-    m = re.search(group_regex, name)
-    if not m:
-        return None
-    return m.group(1) if m.groups() else m.group(0)
+    m = re.search(group_regex, name) if group_regex else None
+    return None if not m else (m.group(1) if m.groups() else m.group(0))
 
 
 def open_classification(
@@ -369,7 +368,7 @@ def open_dataset(
     naming the path, never a traceback."""
     try:
         layout = detect_layout(root)
-        if layout in ("labelme", "masks", "nnunet"):
+        if layout in ("labelme", "masks", "nnunet", "monai"):
             return open_segmentation(root, label_map=label_map, empty_if_missing=empty_if_missing)
         if layout == "classification":
             return open_classification(root, group_regex=group_regex)

@@ -18,6 +18,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, Strat
 from medstudent.atomic import write_text_atomic
 from medstudent.data.io import read_regular_bytes
 from medstudent.data.layouts import ClassificationDataset, SegmentationDataset
+from medstudent.data.monai_datalist import datalist_split
 from medstudent.data.nnunet import nnunet_split
 from medstudent.errors import DataError
 
@@ -174,13 +175,18 @@ def save_split(split: dict, path: str | Path) -> None:
 
 def load_split(path: str | Path, ds: SegmentationDataset | ClassificationDataset | None = None) -> dict:
     """Read a split file; with `ds`, check that every id it names exists in the data set. With an nnU-Net
-    data set, its splits_final.json is accepted too (converted by data.nnunet.nnunet_split)."""
+    data set, its splits_final.json is accepted too (converted by data.nnunet.nnunet_split), and a MONAI
+    datalist with "fold" keys (data.monai_datalist.datalist_split)."""
     path = Path(path)
     raw = read_regular_bytes(path, MAX_SPLIT_BYTES, what="split file")
     try:
         split = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise DataError(path, f"not valid JSON ({type(e).__name__}: {e})") from None
+    if isinstance(split, dict) and "training" in split and "format" not in split:  # a MONAI datalist
+        split = datalist_split(path)
+        if split is None:
+            raise DataError(path, "a MONAI datalist whose training entries have no 'fold': no split in it")
     if isinstance(split, list):  # nnU-Net's splits_final.json: its case ids only mean something in its folder
         if isinstance(ds, SegmentationDataset) and ds.format == "nnunet":
             return nnunet_split(path, ds)

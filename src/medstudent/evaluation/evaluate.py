@@ -5,6 +5,7 @@ empty/empty = 1, as the competition scored; pixel-pooled Dice; bootstrap 95% CI)
 all computed by `evaluation.scoring` like the `cv` and self-training scores.
 Classification: accuracy, macro-F1, one-vs-rest AUC, per-class sensitivity/specificity/accuracy, bootstrap
 CIs, confusion matrices and a gallery of the most confidently wrong images.
+Both also write report.html, one self-contained page of all that (`evaluation.report_html`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from medstudent.evaluation.lesions import (
 )
 from medstudent.evaluation.metrics import bootstrap_ci
 from medstudent.evaluation.report import cls_gallery_png, confusion_matrix_png, seg_gallery_png
+from medstudent.evaluation.report_html import cls_per_image, write_cls_report, write_seg_report
 from medstudent.evaluation.scoring import cls_summary, seg_row, seg_summary
 
 
@@ -127,17 +129,22 @@ def evaluate_segmentation(
     with atomic_path(out / "lesions_by_size.csv") as tmp:
         pd.DataFrame(by_size).to_csv(tmp, index=False)
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
-    worst = df.nsmallest(n_worst, "dice")
-    gallery = []
-    for _, r in worst.iterrows():
-        k = sorted(loaders).index(r["id"])
-        img_path = images.get(r["id"])
+    order = {stem: k for k, stem in enumerate(sorted(loaders))}
+    dice = dict(zip(df["id"], df["dice"], strict=True))
+
+    def tile(stem: str, known_only: bool = False) -> dict | None:
+        k, img_path = order[stem], images.get(stem)
+        if img_path is None and known_only:
+            return None
         image = (
             read_image(img_path) if img_path is not None else np.stack([gm[k] * 255] * 3, -1).astype(np.uint8)
         )
-        gallery.append({"id": r["id"], "image": image, "gt": gm[k], "pred": pm[k], "dice": float(r["dice"])})
+        return {"id": stem, "image": image, "gt": gm[k], "pred": pm[k], "dice": float(dice[stem])}
+
+    gallery = [tile(stem) for stem in df.nsmallest(n_worst, "dice")["id"]]
     if gallery:
         seg_gallery_png(gallery, out / "worst.png", f"worst {len(gallery)} by Dice")
+    write_seg_report(out, summary, df, lambda stem: tile(stem, known_only=True))
     return summary
 
 
@@ -236,8 +243,10 @@ def evaluate_classification(
         }
         for i in wrong
     ]
+    figures = [out / "confusion_matrix.png", out / "confusion_matrix_normalized.png"]
     if items:
-        cls_gallery_png(items, out / "confidently_wrong.png", "most confidently wrong")
+        figures.append(cls_gallery_png(items, out / "confidently_wrong.png", "most confidently wrong"))
+    write_cls_report(out, m, cls_per_image(paths, y_arr, p_arr, ds.class_names), figures)
     return m
 
 
