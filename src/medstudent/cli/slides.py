@@ -3,22 +3,27 @@ and QuPath annotations back in as a training data set."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from medstudent.cli import (
+    SkipBad,
     _load_engine,
     _progress,
     app,
     console,
+    data_app,
     one_line_errors,
     parse_scales,
     plain,
 )
+from medstudent.data.from_slides import extract_tiles
 from medstudent.data.slide import list_slides
 from medstudent.distributed import launch_local, rank_world
+from medstudent.errors import DataError
 from medstudent.slides.cohort import predict_cohort
 from medstudent.slides.stream import MARGIN, REGION
 
@@ -84,6 +89,53 @@ def predict_slide_cmd(
     console.print(
         f"{summary['predicted']} slide(s) predicted, {summary['already_done']} already done, "
         f"{len(summary['skipped'])} skipped -> {plain(out)}/index.html",
+        highlight=False,
+    )
+    for s in summary["skipped"]:
+        console.print(f"[yellow]skipped:[/] {plain(s)}", highlight=False)
+
+
+@data_app.command("from-slides")
+@one_line_errors
+def from_slides_cmd(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="SLIDES... ANNOTATIONS: slide files or folders, then the QuPath GeoJSON "
+            "(a folder of <slide>.geojson, or one file for one slide)"
+        ),
+    ],
+    out: Annotated[Path, typer.Option("-o", "--out", help="data set folder to write (images/ + masks/)")],
+    mpp: Annotated[float, typer.Option(help="um/px of the tiles (the model's data.mpp)")],
+    tile: Annotated[int, typer.Option(help="tile side in pixels at --mpp")] = 512,
+    label_map: Annotated[
+        str | None, typer.Option(help="QuPath class -> id as JSON, e.g. '{\"STAS\": 1}' (default: all 1)")
+    ] = None,
+    negatives: Annotated[float, typer.Option(help="unannotated tissue tiles per annotated tile")] = 1.0,
+    seed: Annotated[int, typer.Option(help="seed for choosing the unannotated tiles")] = 0,
+    slide_mpp: Annotated[float | None, typer.Option(help="um/px of slides whose metadata has none")] = None,
+    skip_bad: SkipBad = False,
+) -> None:
+    """Cut training tiles from slides around their QuPath annotations (and from unannotated tissue) into
+    the images/ + masks/ layout that `data check` and `train` read."""
+    if len(paths) < 2:
+        raise DataError(None, "give the slides, then the annotations (a folder of <slide>.geojson or a file)")
+    slides, annotations = paths[:-1], paths[-1]
+    mapping = None
+    if label_map:
+        try:
+            mapping = json.loads(label_map)
+        except json.JSONDecodeError as e:
+            raise DataError(None, f"--label-map is not JSON ({e.msg})") from None
+        if not isinstance(mapping, dict):
+            raise DataError(None, '--label-map must be a JSON object like {"STAS": 1}')
+    summary = extract_tiles(
+        list_slides(slides), annotations, out, mpp, tile, label_map=mapping, negatives=negatives, seed=seed,
+        slide_mpp=slide_mpp, skip_bad=skip_bad,
+    )  # fmt: skip
+    console.print(
+        f"{summary['tiles']} tiles ({summary['positive_tiles']} annotated, {summary['negative_tiles']} "
+        f"unannotated tissue) from {summary['slides']} slide(s) -> {plain(out)}",
         highlight=False,
     )
     for s in summary["skipped"]:
