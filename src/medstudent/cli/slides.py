@@ -25,7 +25,7 @@ from medstudent.data.slide import list_slides
 from medstudent.distributed import launch_local, rank_world
 from medstudent.errors import DataError
 from medstudent.slides.cohort import predict_cohort
-from medstudent.slides.stream import MARGIN, REGION
+from medstudent.slides.stream import MARGIN, OUT_FACTOR, REGION
 
 
 @app.command("predict-slide")
@@ -47,6 +47,9 @@ def predict_slide_cmd(
     tile: Annotated[int | None, typer.Option(help="sliding-window size inside each region")] = None,
     region: Annotated[int, typer.Option(help="region side at the model's um/px (pixels)")] = REGION,
     margin: Annotated[int, typer.Option(help="context around each region (pixels), cut off")] = MARGIN,
+    map_factor: Annotated[
+        int, typer.Option(help="maps at 1/N of the network's resolution (1: full, larger outputs)")
+    ] = OUT_FACTOR,
     tissue: Annotated[bool, typer.Option(help="predict only where tissue is detected")] = True,
     postprocess: Annotated[bool, typer.Option(help="apply the run's post-processing (in um)")] = True,
     engine: Annotated[str, typer.Option(help="torch or onnx")] = "torch",
@@ -85,6 +88,7 @@ def predict_slide_cmd(
             tissue=tissue,
             region=region,
             margin=margin,
+            out_factor=map_factor,
         )
     console.print(
         f"{summary['predicted']} slide(s) predicted, {summary['already_done']} already done, "

@@ -29,7 +29,15 @@ from medstudent.data.slide import Slide
 from medstudent.data.tissue import THUMBNAIL_MPP, tissue_mask
 from medstudent.errors import DataError
 from medstudent.slides.outputs import class_color, island_mask, islands, object_stats, scaled_postprocess
-from medstudent.slides.stream import MARGIN, REGION, open_map, predict_regions, slide_grid, tissue_regions
+from medstudent.slides.stream import (
+    MARGIN,
+    OUT_FACTOR,
+    REGION,
+    open_map,
+    predict_regions,
+    slide_grid,
+    tissue_regions,
+)
 
 OVERLAY_SIDE = 2048  # longest side of overlay.png (pixels)
 
@@ -64,19 +72,21 @@ def predict_slide(
     tissue: bool = True,
     region: int = REGION,
     margin: int = MARGIN,
+    out_factor: int = OUT_FACTOR,
     prefetch: int = 2,
     on_region: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Predict one slide with `engine` and write its outputs into `out`; returns the summary.
 
     slide_mpp: the slide's um/px when its metadata has none; model_mpp: the model's when its run did not
-    record `data.mpp`. tissue=False predicts every region (no tissue detection)."""
+    record `data.mpp`. tissue=False predicts every region (no tissue detection). out_factor: the maps are
+    written at 1/out_factor of the network's resolution."""
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     spec = engine.spec
     with Slide(slide_path, mpp=slide_mpp) as slide:
-        grid = slide_grid(engine, slide, model_mpp, region=region, margin=margin)
+        grid = slide_grid(engine, slide, model_mpp, region=region, margin=margin, out_factor=out_factor)
         thumb_mpp = max(THUMBNAIL_MPP, slide.mpp)
         tissue_map = None
         tissue_mm2 = slide.area_mm2
