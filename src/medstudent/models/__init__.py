@@ -12,18 +12,22 @@ from medstudent.models.factory import (
 )
 from medstudent.models.pretrained import (
     BUNDLED,
+    BUNDLED_WEIGHTS,
     bundled_lite0_state_dict,
+    bundled_state_dict,
     parse_pretrained,
     read_state_dict,
 )
 
 __all__ = [
     "BUNDLED",
+    "BUNDLED_WEIGHTS",
     "SEG_ARCHS",
     "backbone_module",
     "check_model_config",
     "DeepSupervisionModel",
     "bundled_lite0_state_dict",
+    "bundled_state_dict",
     "create_model",
     "model_from_config",
     "parse_pretrained",

@@ -22,6 +22,7 @@ from medstudent.models.deep_supervision import DeepSupervisionModel, HeadDropout
 from medstudent.models.pretrained import (
     BUNDLED,
     PretrainedSpec,
+    check_bundled_fits,
     load_state_dict_into,
     parse_pretrained,
     pretrained_state_dict,
@@ -192,9 +193,7 @@ def _create_smp_native(
     if drop_path_rate > 0:
         raise ConfigError(None, f"model.drop_path_rate: needs a timm encoder, smp's '{enc_name}' ignores it")
     if spec.kind == "bundled":
-        raise ConfigError(
-            None, f"model.pretrained: '{BUNDLED}' only fits efficientnet_lite0, not '{enc_name}'"
-        )
+        check_bundled_fits(spec, enc_name)  # smp's own encoders are never timm's Lite models: always fails
     weights = "imagenet" if spec.kind == "hub" else None
     model = _build(cls, spec, what, encoder_name=enc_name, encoder_weights=weights, **kwargs)
     if spec.kind == "file":

