@@ -272,3 +272,69 @@ def test_round_trip_predict_slide_geojson_from_slides(slide_a, tmp_path):
             ref[: crop.shape[0], : crop.shape[1]] = crop
             assert dice(mask, ref) >= 0.99, (mpp, r["image"])
         assert len(open_dataset(out).items) == len(rows)
+
+
+class ThreeClassEngine(DarkEngine):
+    """Background (light), tissue (pink, mid) and dark blobs as three softmax classes."""
+
+    def run(self, member: int, batch: np.ndarray) -> np.ndarray:
+        m = batch.mean(1, keepdims=True)  # normalised: white 1, pink ~0.6, dark blobs ~-0.5
+        logits = np.concatenate([20 * (m - 0.8), -20 * np.abs(m - 0.55), -20 * m], axis=1)
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        return (e / e.sum(1, keepdims=True)).astype(np.float32)
+
+
+def test_multi_class_slide_gives_one_class_per_object(slide_a, tmp_path):
+    path, canvas = slide_a
+    pre = dark_spec().members[0]
+    spec = PipelineSpec(task="segmentation", class_names=["glass", "tissue", "blob"], mpp=MPP, members=[pre])
+    s = predict_slide(ThreeClassEngine(spec), path, tmp_path / "mc", region=1024, margin=128)
+    labels = tifffile.imread(tmp_path / "mc" / "mask.tif")
+    assert set(np.unique(labels)) == {0, 1, 2}
+    truth = canvas.truth(1).reshape(600, 8, 800, 8).mean(axis=(1, 3)) > 0.5
+    assert dice(labels == 2, truth) > 0.95
+    doc = json.loads((tmp_path / "mc" / "objects.geojson").read_text())
+    names = {f["properties"]["classification"]["name"] for f in doc["features"]}
+    blobs = [f for f in doc["features"] if f["properties"]["classification"]["name"] == "blob"]
+    assert names == {"tissue", "blob"} and len(blobs) >= 5 and s["object_count"] >= 3
+
+
+@pytest.mark.shared_data
+def test_real_stas_tiles_stitched_round_trip(tmp_path):
+    """Four real shared STAS tiles on white: tissue is found on real H&E, and their expert masks go through
+    QuPath GeoJSON and `data from-slides` unchanged."""
+    from conftest import shared_path
+    from medstudent.data.from_slides import extract_tiles
+    from medstudent.data.layouts import open_segmentation
+    from medstudent.data.qupath import features, mask_to_polygons, write_geojson
+
+    ds = open_segmentation(shared_path("stas"))
+    canvas = Canvas(2 * 1716 + 3 * 200, 2 * 942 + 3 * 200)
+    for k in range(4):
+        img, gt = ds.load(k * 7)
+        r, c = divmod(k, 2)
+        canvas.islands.append(
+            Island(200 + c * (1716 + 200), 200 + r * (942 + 200), img, (gt > 0).astype(np.uint8))
+        )
+    slide = write_pyramid_tiff(tmp_path / "real.tif", canvas, MPP)
+    with Slide(slide) as s:
+        tissue = tissue_mask(s.thumbnail(8.0), 8.0)
+    for isl in canvas.islands:  # every tile is (mostly) tissue, the glass between them is not
+        x0, y0 = isl.x // 16, isl.y // 16
+        assert tissue[y0 : y0 + 942 // 16, x0 : x0 + 1716 // 16].mean() > 0.7
+    assert tissue[: 200 // 16, :].mean() < 0.05
+    truth = canvas.truth(1)
+    anno = tmp_path / "anno"
+    anno.mkdir()
+    write_geojson(anno / "real.geojson", features(mask_to_polygons(truth, 1.0), {1: "STAS"}))
+    out = tmp_path / "tiles"
+    summary = extract_tiles([slide], anno, out, mpp=MPP, tile=256, negatives=0.5)
+    assert summary["positive_tiles"] > 0
+    with open(out / "tiles.csv") as f:
+        for r in csv.DictReader(f):
+            x, y = int(r["x"]), int(r["y"])
+            mask = np.asarray(Image.open(out / "masks" / Path(r["image"]).with_suffix(".png").name)) > 0
+            ref = np.zeros((256, 256), bool)
+            crop = truth[y : y + 256, x : x + 256] > 0
+            ref[: crop.shape[0], : crop.shape[1]] = crop
+            assert np.array_equal(mask, ref), r["image"]
