@@ -10,7 +10,9 @@ assumed for them and for the stitched slides alike, so the model reads the slide
 
 - agreement: the 64 held-out tiles on white with gaps, as one pyramidal TIFF; `predict_slide` vs `predict`
   on each tile (same engine, TTA none, the run's post-processing), compared on the slide's map grid:
-  Dice(slide, tile) and Dice against ground truth, next to the tile-level Dice at full resolution.
+  Dice(slide, tile) and Dice against ground truth, next to the tile-level Dice at full resolution; and,
+  to tell the pipeline from the model's sensitivity to what surrounds a tile, `predict` on the tile with
+  the slide's surroundings (the canvas around it, margin included) vs the slide and vs the tile alone.
 - throughput: regions/s of the whole slide pipeline (tissue, reading, network, maps, post-processing,
   polygons, pyramids) vs the bare network on the same prepared regions already in memory, torch and ONNX.
 - memory: peak RSS of a fresh process predicting a 40,000 x 40,000 px slide with 12 tissue islands, and the
@@ -53,15 +55,16 @@ def stitch(tiles: list[np.ndarray], path: Path, mpp: float, cols: int = 8):
     from medstudent.data.synth.slide import Canvas, Island, write_pyramid_tiff
 
     h, w = max(t.shape[0] for t in tiles), max(t.shape[1] for t in tiles)
+    ph, pw = -(-(h + GAP) // 32) * 32, -(-(w + GAP) // 32) * 32  # pitches on the maps' pixel grid
     rows = -(-len(tiles) // cols)
-    canvas = Canvas(cols * (w + GAP) + GAP, rows * (h + GAP) + GAP)
+    canvas = Canvas(cols * pw + GAP, rows * ph + GAP)
     places = []
     for k, t in enumerate(tiles):
         r, c = divmod(k, cols)
-        places.append((GAP + c * (w + GAP), GAP + r * (h + GAP)))
+        places.append((GAP + c * pw, GAP + r * ph))
         canvas.islands.append(Island(*places[-1], t))
     write_pyramid_tiff(path, canvas, mpp)
-    return places
+    return places, canvas
 
 
 def down(mask: np.ndarray, step: int) -> np.ndarray:
@@ -85,7 +88,7 @@ def load(engine: str, run: Path, onnx: Path | None):
     if engine == "onnx":
         from medstudent.runner import OnnxPipeline
 
-        return OnnxPipeline(onnx)
+        return OnnxPipeline(onnx, int8=True)
     from medstudent.inference.engine import load_engine
 
     return load_engine([run], device="cpu", precision="auto")
@@ -102,23 +105,31 @@ def agreement(args) -> dict:
     items = held_out(args.run)
     OUT.mkdir(parents=True, exist_ok=True)
     slide = OUT / "held_out_64.tif"
-    places = stitch([img for img, _ in items], slide, args.mpp)
+    places, canvas = stitch([img for img, _ in items], slide, args.mpp)
     t = time.perf_counter()
     s = predict_slide(engine, slide, OUT / "agreement", tta="none", scales=[1.0], out_factor=args.map_factor)
     slide_s = time.perf_counter() - t
     mask = tifffile.imread(OUT / "agreement" / "mask.tif") > 0
     step = round(s["map_mpp"] / args.mpp)
     post = engine.spec.postprocess
-    d_tile_slide, d_slide_gt, d_tile_gt, d_tile_gt_map = [], [], [], []
+    d_tile_slide, d_slide_gt, d_tile_gt, d_tile_gt_map, d_ctx_slide, d_tile_ctx = [], [], [], [], [], []
     t = time.perf_counter()
+    m = 256  # the slide's region margin: the context a region gives the network around a tile
     for (img, gt), (x, y) in zip(items, places, strict=True):
         tile = postprocess(predict_probs(engine, img, tta="none", scales=[1.0]), post) > 0
         ref, g = down(tile, step), down(gt > 0, step)
         crop = mask[y // step : y // step + ref.shape[0], x // step : x // step + ref.shape[1]]
+        # the tile predicted inside the slide's surroundings (white glass, neighbours' edges), in memory
+        h, w = img.shape[:2]
+        around = canvas.render(x - m, y - m, w + 2 * m, h + 2 * m)
+        ctx = postprocess(predict_probs(engine, around, tta="none", scales=[1.0])[m : m + h, m : m + w], post)
+        ctx = down(ctx > 0, step)
         d_tile_slide.append(dice(crop, ref))
         d_slide_gt.append(dice(crop, g))
         d_tile_gt.append(dice(tile, gt > 0))
         d_tile_gt_map.append(dice(ref, g))
+        d_ctx_slide.append(dice(crop, ctx))
+        d_tile_ctx.append(dice(ref, ctx))
     tiles_s = time.perf_counter() - t
     return {
         "slide": {k: s[k] for k in ("slide_size", "map_mpp", "regions", "object_count", "seconds")},
@@ -126,6 +137,8 @@ def agreement(args) -> dict:
         "engine": args.engine,
         "mean_dice_slide_vs_tile": float(np.mean(d_tile_slide)),
         "min_dice_slide_vs_tile": float(np.min(d_tile_slide)),
+        "mean_dice_slide_vs_tile_in_its_surroundings": float(np.mean(d_ctx_slide)),
+        "mean_dice_tile_alone_vs_tile_in_its_surroundings": float(np.mean(d_tile_ctx)),
         "mean_dice_slide_vs_gt_on_map_grid": float(np.mean(d_slide_gt)),
         "mean_dice_tile_vs_gt_on_map_grid": float(np.mean(d_tile_gt_map)),
         "mean_dice_tile_vs_gt_full_resolution": float(np.mean(d_tile_gt)),
@@ -144,7 +157,7 @@ def throughput(args) -> dict:
     items = held_out(args.run)[: args.tiles]
     OUT.mkdir(parents=True, exist_ok=True)
     slide_path = OUT / f"held_out_{args.tiles}.tif"
-    stitch([img for img, _ in items], slide_path, args.mpp, cols=4)
+    stitch([img for img, _ in items], slide_path, args.mpp, cols=4)  # (positions, canvas) unused
     res = {}
     for name in ("torch", "onnx"):
         engine = load(name, args.run, args.onnx)

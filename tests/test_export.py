@@ -289,6 +289,22 @@ def test_budget_plan_rule():
     assert choose_plan(5.0, [side], task="segmentation", max_tta="d4").tta == "d4"  # 8 x 1.0 would not fit
 
 
+def test_budget_plan_chooses_scales():
+    """With each scale measured on its own, the plan may drop trailing scales: more TTA views at one scale
+    beat fewer views at two when both fit, and the plan says which scales it kept."""
+    one, two = {"factor": 1.0, "fixed_s": 0.1, "pass_s": 0.2}, {"factor": 1.25, "fixed_s": 0.1, "pass_s": 0.3}
+    cost = {"fixed_s": 0.2, "pass_s": 0.5, "scales": [one, two]}
+    kw = {"task": "segmentation", "max_tta": "d4"}
+    plan = choose_plan(2.0, [cost], **kw)  # d4 at 1x: 1.7 s (8 passes); flip at both: 1.2 s (4 passes)
+    assert (plan.tta, plan.scales, plan.estimate_s) == ("d4", [1.0], pytest.approx(1.7))
+    assert "TTA d4 x scales [1.0], 1/1 model(s)" in plan.summary()
+    full = choose_plan(5.0, [cost], **kw)  # d4 at both scales: 0.2 + 8 x 0.5 = 4.2 s
+    assert (full.tta, full.scales, full.estimate_s) == ("d4", [1.0, 1.25], pytest.approx(4.2))
+    small = choose_plan(0.35, [cost], **kw)
+    assert (small.tta, small.scales) == ("none", [1.0])
+    assert choose_plan(5.0, [{"fixed_s": 0.2, "pass_s": 0.5}], **kw).scales is None  # not measured per scale
+
+
 @pytest.mark.slow  # trains the tiny models (module fixtures)
 def test_budget_seconds_measures_and_reports(seg_model, seg_runs, few_images, tmp_path):
     one = next(few_images.glob("*.jpg"))

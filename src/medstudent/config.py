@@ -176,6 +176,9 @@ class PredictConfig(Section):
     # multi-scale TTA: resolutions to predict at, as multiples of the training one (augment.scale or
     # resize); their probabilities are averaged at the original size. [1.0] = one scale.
     tta_scales: list[float] = Field(default_factory=lambda: [1.0])
+    # default seconds per image: `predict` measures the first image and keeps the TTA passes, scales and
+    # models that fit (`--budget-seconds` overrides, 0 turns it off). None: always the full tta/tta_scales.
+    budget_seconds: float | None = Field(None, gt=0, allow_inf_nan=False)
 
     @field_validator("tta_scales")
     @classmethod

@@ -425,7 +425,8 @@ def predict_cmd(
         float | None,
         typer.Option(
             "--budget-seconds",
-            help="seconds per image: measure, then pick the TTA passes and models that fit",
+            help="seconds per image: measure, then pick the TTA passes, scales and models that fit "
+            "(default: the run's predict.budget_seconds; 0: none, the full TTA)",
         ),
     ] = None,
     devices: Annotated[
@@ -440,6 +441,8 @@ def predict_cmd(
 
     if devices > 1 and rank_world()[1] == 1:  # start the ranks; each predicts every devices-th image
         raise typer.Exit(launch_local(devices))
+    if budget_seconds is not None and not budget_seconds >= 0:
+        raise DataError(None, f"--budget-seconds must be >= 0 (0: no budget), got {budget_seconds}")
     engine_obj = _load_engine(engine, runs, precision=precision, device=device, int8=int8)
 
     with _progress() as bar:

@@ -42,8 +42,12 @@ def predict_slide_cmd(
     model_mpp: Annotated[
         float | None, typer.Option(help="um/px the model was trained at, when its run has no data.mpp")
     ] = None,
-    tta: Annotated[str | None, typer.Option(help="none | flip | d4 (default: the run's)")] = None,
-    tta_scales: Annotated[str | None, typer.Option(help="multi-scale TTA factors, e.g. 1,1.25")] = None,
+    tta: Annotated[
+        str, typer.Option(help="none | flip | d4 (default none: one pass per region, not the run's TTA)")
+    ] = "none",
+    tta_scales: Annotated[
+        str | None, typer.Option(help="multi-scale TTA factors, e.g. 1,1.25 (default: 1)")
+    ] = None,
     tile: Annotated[int | None, typer.Option(help="sliding-window size inside each region")] = None,
     region: Annotated[int, typer.Option(help="region side at the model's um/px (pixels)")] = REGION,
     margin: Annotated[int, typer.Option(help="context around each region (pixels), cut off")] = MARGIN,
@@ -83,7 +87,7 @@ def predict_slide_cmd(
             model_mpp=model_mpp,
             tta=tta,
             tile=tile,
-            scales=parse_scales(tta_scales),
+            scales=parse_scales(tta_scales) or [1.0],
             postprocess=postprocess,
             tissue=tissue,
             region=region,

@@ -5,13 +5,14 @@ back) and the cost of one network pass (tiles included) on a real image through 
 that predicts; the plan is then pure arithmetic (`choose_plan`), so it is tested without timing anything.
 
 Rule: candidates are the TTA sets up to the requested one (none < flip < d4) times the k members with the
-largest ensemble weights (k = 1..M). Estimated seconds per image = overhead (post-processing) + the sum over
-the chosen members of (fixed + cost of the passes). The passes cost passes x pass, or, where the runner runs
-them side by side (`round_s` measured: `threads` single-threaded passes at once), full rounds x round plus
-the remaining passes x pass (`passes_cost`, the rule of `pass_rounds`). Among the plans that fit, the one
-with the most network passes in all wins, ties going to more members (ensembles usually gain more than
-extra TTA views), then to the cheaper plan. When nothing fits, the cheapest plan is used and the plan says
-it does not fit.
+largest ensemble weights (k = 1..M) times the multi-scale sets (the first s of the requested scales, s =
+1..S, when each scale was measured on its own). Estimated seconds per image = overhead (post-processing) +
+the sum over the chosen members and scales of (fixed + cost of the passes). The passes cost passes x pass,
+or, where the runner runs them side by side (`round_s` measured: `threads` single-threaded passes at once),
+full rounds x round plus the remaining passes x pass (`passes_cost`, the rule of `pass_rounds`). Among the
+plans that fit, the one with the most network passes in all (TTA views x scales x members) wins, ties going
+to more members (ensembles usually gain more than extra TTA views), then to more scales, then to the
+cheaper plan. When nothing fits, the cheapest plan is used and the plan says it does not fit.
 """
 
 from __future__ import annotations
@@ -55,12 +56,14 @@ class BudgetPlan:
     estimate_s: float
     fits: bool
     n_members: int
-    costs: list[dict[str, float]] = field(default_factory=list)
+    costs: list[dict[str, Any]] = field(default_factory=list)
     overhead_s: float = 0.0
+    scales: list[float] | None = None  # the multi-scale factors chosen (None: as requested, not planned)
 
     def summary(self) -> str:
+        at = f" x scales {self.scales}" if self.scales else ""
         text = (
-            f"budget {self.budget_s:.2f} s/image -> TTA {self.tta}, {len(self.members)}/{self.n_members} "
+            f"budget {self.budget_s:.2f} s/image -> TTA {self.tta}{at}, {len(self.members)}/{self.n_members} "
             f"model(s) {self.members}, estimated {self.estimate_s:.2f} s/image"
         )
         return text if self.fits else text + " (even the cheapest plan exceeds the budget)"
@@ -69,9 +72,17 @@ class BudgetPlan:
         return asdict(self)
 
 
+def _member_cost(cost: dict[str, Any], passes: int, n_scales: int | None) -> float:
+    """Seconds of one member for `passes` TTA passes at its first `n_scales` measured scales (None: the
+    member's costs as a whole)."""
+    if n_scales is None:
+        return cost["fixed_s"] + passes_cost(cost, passes)
+    return sum(c["fixed_s"] + passes_cost(c, passes) for c in cost["scales"][:n_scales])
+
+
 def choose_plan(
     budget_s: float,
-    costs: list[dict[str, float]],
+    costs: list[dict[str, Any]],
     *,
     task: str,
     max_tta: str,
@@ -79,7 +90,8 @@ def choose_plan(
     overhead_s: float = 0.0,
 ) -> BudgetPlan:
     """The plan for `budget_s` seconds per image; `costs[i]` = {"fixed_s", "pass_s"} of member i, plus
-    {"round_s", "threads"} where its passes can run concurrently."""
+    {"round_s", "threads"} where its passes can run concurrently, and optionally "scales": the same per
+    multi-scale factor ({"factor", "fixed_s", "pass_s", ...}), which lets the plan drop trailing scales."""
     if not costs:
         raise ValueError("choose_plan: no members")
     if budget_s <= 0:
@@ -89,22 +101,27 @@ def choose_plan(
     weights = list(weights) if weights is not None else [1.0] * len(costs)
     order = sorted(range(len(costs)), key=lambda i: -weights[i])  # stable: earlier member first on ties
     ttas = TTA_ORDER[: TTA_ORDER.index(max_tta) + 1]
+    per_scale = all("scales" in c for c in costs)
+    n_scales = min(len(c["scales"]) for c in costs) if per_scale else 1
     best: tuple | None = None
     cheapest: tuple | None = None
     for tta in ttas:
         n = tta_passes(task, tta)
-        for k in range(1, len(order) + 1):
-            chosen = order[:k]
-            est = overhead_s + sum(costs[i]["fixed_s"] + passes_cost(costs[i], n) for i in chosen)
-            cand = (tta, chosen, est)
-            if cheapest is None or est < cheapest[2]:
-                cheapest = cand
-            if est <= budget_s:
-                score = (k * n, k, -est)
-                if best is None or score > best[0]:
-                    best = (score, cand)
+        for s in range(1, n_scales + 1):
+            for k in range(1, len(order) + 1):
+                chosen = order[:k]
+                use = s if per_scale else None
+                est = overhead_s + sum(_member_cost(costs[i], n, use) for i in chosen)
+                cand = (tta, chosen, est, s)
+                if cheapest is None or est < cheapest[2]:
+                    cheapest = cand
+                if est <= budget_s:
+                    score = (k * n * s, k, s, -est)
+                    if best is None or score > best[0]:
+                        best = (score, cand)
     fits = best is not None
-    tta, chosen, est = best[1] if best is not None else cheapest  # type: ignore[misc]
+    tta, chosen, est, s = best[1] if best is not None else cheapest  # type: ignore[misc]
+    scales = [float(c["factor"]) for c in costs[0]["scales"][:s]] if per_scale else None
     return BudgetPlan(
         budget_s=float(budget_s),
         tta=tta,
@@ -114,6 +131,7 @@ def choose_plan(
         n_members=len(costs),
         costs=[dict(c) for c in costs],
         overhead_s=float(overhead_s),
+        scales=scales,
     )
 
 
@@ -137,18 +155,26 @@ def calibrate(
     costs = []
     out = None
     for k in range(len(spec.members)):
-        timing: dict[str, float] = {}
+        timing: dict[str, Any] = {}
+        per_scale = []
         for f in factors:
+            one: dict[str, Any] = {"factor": f}
             member_probs(engine, k, image, "none", tile, factor=f)  # warm-up: first runs allocate
-            out = member_probs(engine, k, image, "none", tile, timing=timing, factor=f)
-            if round_seconds is None or spec.task != "segmentation":
-                continue
-            x, _ = prepare(engine, k, image, f)
-            if tile_size(engine, k, x, tile) is None:  # tiled passes run one after another
-                seconds, threads = round_seconds(k, x)
-                if threads > 1:
-                    timing["round_s"] = timing.get("round_s", 0.0) + seconds
-                    timing["threads"] = threads
+            out = member_probs(engine, k, image, "none", tile, timing=one, factor=f)
+            if round_seconds is not None and spec.task == "segmentation":
+                x, _ = prepare(engine, k, image, f)
+                if tile_size(engine, k, x, tile) is None:  # tiled passes run one after another
+                    seconds, threads = round_seconds(k, x)
+                    if threads > 1:
+                        one["round_s"], one["threads"] = seconds, threads
+            per_scale.append(one)
+        for key in ("fixed_s", "pass_s", "round_s"):  # the member as a whole: its scales added up
+            if all(key in one for one in per_scale):
+                timing[key] = sum(one[key] for one in per_scale)
+        if "round_s" in timing:
+            timing["threads"] = per_scale[0]["threads"]
+        if spec.task == "segmentation":
+            timing["scales"] = per_scale
         costs.append(timing)
     overhead = 0.0
     post = spec.postprocess

@@ -116,6 +116,8 @@ class PipelineSpec(_Spec):
     postprocess: PostprocessConfig | None = None
     # um/px of the images the members were trained on (`data.mpp`); None: unknown. Slides are read at it.
     mpp: float | None = Field(None, gt=0, le=1000, allow_inf_nan=False)
+    # seconds per image `predict` plans TTA passes, scales and members for by default (None: no plan)
+    budget_seconds: float | None = Field(None, gt=0, allow_inf_nan=False)
     members: list[MemberSpec] = Field(min_length=1)
 
     @field_validator("tta_scales", mode="before")

@@ -47,10 +47,10 @@ def predict_images(
 ) -> dict[str, Any]:
     """Predict an image, a folder or a data set root with `engine` and write the outputs under `out`.
 
-    tta / tta_scales / ensemble default to the engine's contract. budget_seconds: measure the members on
-    the first readable image and pick the TTA passes / members that fit (`core.budget`); the choice is
-    returned under "plan". Returns `predict_folder`'s summary plus "tta", "tta_scales", "ensemble",
-    "members" and "plan".
+    tta / tta_scales / ensemble default to the engine's contract. budget_seconds (default: the contract's;
+    0: none): measure the members on the first readable image and pick the TTA passes, scales and members
+    that fit (`core.budget`); the choice is returned under "plan". Returns `predict_folder`'s summary plus
+    "tta", "tta_scales", "ensemble", "members" and "plan".
     """
     spec = engine.spec
     images = Path(images)
@@ -60,13 +60,16 @@ def predict_images(
     check_choices(tta, ensemble)
     members = list(range(len(spec.members)))
     plan: BudgetPlan | None = None
-    if budget_seconds is not None:
+    if budget_seconds is None:
+        budget_seconds = spec.budget_seconds  # the run's predict.budget_seconds (0 on the CLI: none)
+    if budget_seconds:
         sample = first_readable(files)
         if sample is not None:
             plan = calibrate(
                 engine, sample, budget_seconds, tta=tta, tile=tile, postprocess=postprocess, scales=tta_scales
             )
             tta, members = plan.tta, plan.members
+            tta_scales = plan.scales or tta_scales
     post = for_ensemble(spec.postprocess, ensemble) if postprocess and spec.postprocess else None
     summary = predict_folder(
         predictor(engine, tta=tta, ensemble=ensemble, members=members, tile=tile, scales=tta_scales),

@@ -63,6 +63,7 @@ def pipeline_spec(
         ensemble=EnsembleSpec(mode=ensemble or first.cfg.predict.ensemble, weights=[float(v) for v in w]),
         postprocess=first.postprocess if seg else None,
         mpp=mpps.pop() if mpps else None,
+        budget_seconds=first.cfg.predict.budget_seconds,
         members=[member_spec(p, float(v)) for p, v in zip(predictors, w, strict=True)],
     )
 
