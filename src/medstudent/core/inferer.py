@@ -115,6 +115,26 @@ def member_probs(
     return out
 
 
+def _input_key(engine: Engine, member: int, factor: float) -> str:
+    return json.dumps([engine.spec.members[member].preprocess.as_dict(), factor], sort_keys=True)
+
+
+def prepare_inputs(
+    engine: Engine, image: np.ndarray, members: list[int] | None = None, scales: list[float] | None = None
+) -> dict[str, Prepared]:
+    """Every network input `predict_probs` needs for `image` (members with the same preprocessing share
+    one per scale), so a reader thread can prepare the next image while the network runs."""
+    spec = engine.spec
+    idx = list(range(len(spec.members))) if members is None else list(members)
+    cache: dict[str, Prepared] = {}
+    for k in idx:
+        for f in spec.scale_factors(scales):
+            key = _input_key(engine, k, f)
+            if key not in cache:
+                cache[key] = prepare(engine, k, image, f)
+    return cache
+
+
 def predict_probs(
     engine: Engine,
     image: np.ndarray,
@@ -123,23 +143,25 @@ def predict_probs(
     members: list[int] | None = None,
     tile: int | None = None,
     scales: list[float] | None = None,
+    prepared: dict[str, Prepared] | None = None,
 ) -> np.ndarray:
     """Ensemble probabilities of one uint8 image: (H, W) binary maps, (C, H, W) multi-class, (C,) cls.
 
     tta / ensemble / scales default to the contract's; members: indices of the members to use (a budget
-    plan's), all by default. Members with the same preprocessing share one prepared input per scale.
+    plan's), all by default. Members with the same preprocessing share one prepared input per scale;
+    `prepared` (from `prepare_inputs`) supplies them ready-made.
     """
     spec = engine.spec
     tta = tta or spec.tta
     ensemble = ensemble or spec.ensemble.mode
     factors = spec.scale_factors(scales)
     idx = list(range(len(spec.members))) if members is None else list(members)
-    cache: dict[str, Prepared] = {}
+    cache: dict[str, Prepared] = dict(prepared) if prepared else {}
     outs = []
     for k in idx:
         total = None
         for f in factors:
-            key = json.dumps([spec.members[k].preprocess.as_dict(), f], sort_keys=True)
+            key = _input_key(engine, k, f)
             if key not in cache:
                 cache[key] = prepare(engine, k, image, f)
             p = member_probs(engine, k, image, tta, tile, prepared=cache[key])

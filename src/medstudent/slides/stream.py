@@ -21,11 +21,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 
-from medstudent.core.inferer import Engine, predict_probs
+from medstudent.core.inferer import Engine, predict_probs, prepare_inputs
 from medstudent.data.slide import Slide
 from medstudent.errors import DataError
 
@@ -106,15 +107,21 @@ def tissue_regions(grid: SlideGrid, tissue: np.ndarray | None, tissue_mpp: float
 
 
 def _read_ahead(
-    slide: Slide, grid: SlideGrid, boxes: list[tuple[int, int]], prefetch: int
-) -> Iterator[tuple[tuple[int, int], np.ndarray, float]]:
-    """(box, region image with margins, seconds spent reading) in order, read `prefetch` ahead."""
+    slide: Slide,
+    grid: SlideGrid,
+    boxes: list[tuple[int, int]],
+    prefetch: int,
+    prepare: Callable[[np.ndarray], Any] | None = None,
+) -> Iterator[tuple[tuple[int, int], tuple[np.ndarray, Any], float]]:
+    """(box, (region image with margins, its prepared network inputs), seconds spent reading and preparing)
+    in order, `prefetch` regions ahead of the caller."""
     side = grid.region + 2 * grid.margin
 
-    def read(box: tuple[int, int]) -> tuple[np.ndarray, float]:
+    def read(box: tuple[int, int]) -> tuple[tuple[np.ndarray, Any], float]:
         t = time.perf_counter()
         img = slide.read(box[0] - grid.margin, box[1] - grid.margin, side, side, grid.model_mpp)
-        return img, time.perf_counter() - t
+        ready = prepare(img) if prepare is not None else None
+        return (img, ready), time.perf_counter() - t
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-reader") as pool:
         pending: deque = deque()
@@ -172,11 +179,16 @@ def predict_regions(
     stats = StreamStats(regions_total=len(boxes))
     t0 = time.perf_counter()
     ow, oh = grid.out_size
-    for n, (box, img, read_s) in enumerate(_read_ahead(slide, grid, boxes, max(1, prefetch)), 1):
+
+    def ready(img: np.ndarray) -> dict:  # resizing and normalising happen in the reader thread too
+        return prepare_inputs(engine, img, scales=scales)
+
+    regions = _read_ahead(slide, grid, boxes, max(1, prefetch), ready)
+    for n, (box, (img, prepared), read_s) in enumerate(regions, 1):
         if stop is not None and stop.is_set():
             break
         t = time.perf_counter()
-        probs = predict_probs(engine, img, tta=tta, tile=tile, scales=scales)
+        probs = predict_probs(engine, img, tta=tta, tile=tile, scales=scales, prepared=prepared)
         mx, my = box[0] // grid.step, box[1] // grid.step
         w, h = min(grid.region // grid.step, ow - mx), min(grid.region // grid.step, oh - my)
         out_map[my : my + h, mx : mx + w] = _to_map(probs, grid, w, h)
