@@ -62,6 +62,14 @@ def test_atomic_write_keeps_the_old_file_on_error(tmp_path):
     assert [p.name for p in remove_stale_temps(tmp_path)] == [".a.json.x1.tmp"]
 
 
+def test_atomic_files_get_the_mode_of_ordinary_files(tmp_path):
+    """Not mkstemp's 0600: predictions and reports stay readable to the group, as with open()."""
+    (tmp_path / "plain.txt").write_text("x")
+    write_text_atomic(tmp_path / "atomic.txt", "x")
+    mode = (tmp_path / "atomic.txt").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain.txt").stat().st_mode & 0o777 and mode & 0o044
+
+
 @pytest.mark.slow  # trains a model
 def test_kill_during_checkpoint_write_keeps_last_loadable(synth_stas_dir, tmp_path):
     args = _cli(tmp_path, synth_stas_dir, "ckw", "train.epochs=2")

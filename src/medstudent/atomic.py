@@ -18,6 +18,11 @@ from pathlib import Path
 __all__ = ["TEMP_SUFFIX", "atomic_path", "remove_stale_temps", "write_bytes_atomic", "write_text_atomic"]
 
 TEMP_SUFFIX = ".tmp"
+# mkstemp makes 0600 files; an output file should get the mode an ordinary open() gives (0666 less the
+# umask), or colleagues on a shared cluster cannot read predictions and reports. The umask is read once at
+# import (os.umask is the only way to read it and it changes process state, so not per call in threads).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -32,6 +37,7 @@ def atomic_path(path: str | Path, fsync: bool = True) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)
     os.close(fd)
     tmp = Path(name)
     try:
