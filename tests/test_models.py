@@ -85,6 +85,25 @@ def test_encoder_names() -> None:
     assert type(native.encoder).__name__ == "EfficientNetEncoder"
 
 
+def test_fpn_merge_is_additions_with_smps_result() -> None:
+    """The FPN's merge is replaced by additions (fast on channels-last CPU tensors): same output as smp's
+    stack + sum, channels-last kept, and the state dict is smp's (checkpoints load either way)."""
+    from segmentation_models_pytorch.decoders.fpn.decoder import MergeBlock
+
+    from medstudent.models.factory import AddMerge
+
+    model = create_model("fpn", num_classes=2, encoder="efficientnet_lite0", pretrained=None).eval()
+    assert isinstance(model.decoder.merge, AddMerge)
+    maps = [torch.randn(1, 8, 16, 16).contiguous(memory_format=torch.channels_last) for _ in range(4)]
+    ours, smps = model.decoder.merge(maps), MergeBlock("add")(maps)
+    assert torch.equal(ours, smps) and ours.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        y = model(x)
+        model.decoder.merge = MergeBlock("add")
+        assert torch.allclose(model(x), y, atol=1e-6)
+
+
 def test_greyscale_segmentation() -> None:
     model = create_model("fpn", num_classes=2, in_channels=1, pretrained=BUNDLED).eval()
     w = bundled_lite0_state_dict()["conv_stem.weight"]

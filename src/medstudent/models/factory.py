@@ -14,7 +14,7 @@ from typing import Any
 
 import segmentation_models_pytorch as smp
 import timm
-from torch import nn
+from torch import Tensor, nn
 
 from medstudent.config import ModelConfig
 from medstudent.errors import ConfigError
@@ -175,10 +175,28 @@ def _create_segmentation(
         model = _create_smp_native(cls, enc_name, spec, drop_path_rate, what, kwargs)
     if dropout > 0 and arch != "fpn":
         model.segmentation_head = HeadDropout(model.segmentation_head, dropout)
+    if arch == "fpn" and getattr(model.decoder.merge, "policy", None) == "add":
+        model.decoder.merge = AddMerge()
     _set_decoder_activation(model, arch, decoder_activation)
     if deep_supervision:
         model = DeepSupervisionModel(model, out_channels, dropout)
     return model
+
+
+class AddMerge(nn.Module):
+    """smp's FPN `MergeBlock("add")` as chained additions. smp computes `torch.stack(x).sum(dim=0)`: on
+    channels-last maps (how the torch engine and training run) that copies the four maps, reduces along a
+    strided dimension and returns a non-channels-last tensor, many times slower on a CPU than the additions
+    (measured in BENCHMARKS.md). Parameter-free, the same sum (float32: the same values), so checkpoints and
+    exports are unchanged."""
+
+    policy = "add"
+
+    def forward(self, x: list[Tensor]) -> Tensor:
+        out = x[0]
+        for t in x[1:]:
+            out = out + t
+        return out
 
 
 def _create_smp_native(
