@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from medstudent.cli import (
+from medstudent.cli.common import (
     SkipBad,
     _load_engine,
     _progress,
