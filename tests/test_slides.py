@@ -338,3 +338,21 @@ def test_real_stas_tiles_stitched_round_trip(tmp_path):
             crop = truth[y : y + 256, x : x + 256] > 0
             ref[: crop.shape[0], : crop.shape[1]] = crop
             assert np.array_equal(mask, ref), r["image"]
+
+
+def test_cli_bad_slide_arguments_are_one_line_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from medstudent.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["predict-slide", str(tmp_path), "-s", str(tmp_path / "nope.svs"), "-o", "x"])
+    assert res.exit_code == 1 and "nope.svs: no such slide file or folder" in res.output
+    (tmp_path / "empty").mkdir()
+    res = runner.invoke(app, ["predict-slide", str(tmp_path), "-s", str(tmp_path / "empty"), "-o", "x"])
+    assert res.exit_code == 1 and "no slides found" in res.output
+    res = runner.invoke(app, ["data", "from-slides", str(tmp_path / "a.svs"), "-o", "x", "--mpp", "0.5"])
+    assert res.exit_code == 1 and "then the annotations" in res.output
+    args = ["data", "from-slides", str(tmp_path / "a.svs"), str(tmp_path), "-o", "x", "--mpp", "0.5"]
+    res = runner.invoke(app, [*args, "--label-map", "{bad"])
+    assert res.exit_code == 1 and "--label-map is not JSON" in res.output
