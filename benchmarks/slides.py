@@ -14,7 +14,8 @@ assumed for them and for the stitched slides alike, so the model reads the slide
   to tell the pipeline from the model's sensitivity to what surrounds a tile, `predict` on the tile with
   the slide's surroundings (the canvas around it, margin included) vs the slide and vs the tile alone.
 - throughput: regions/s of the whole slide pipeline (tissue, reading, network, maps, post-processing,
-  polygons, pyramids) vs the bare network on the same prepared regions already in memory, torch and ONNX.
+  polygons, pyramids) vs the bare network on the same prepared regions already in memory, torch and ONNX;
+  `--repeats` interleaved pairs, medians reported.
 - memory: peak RSS of a fresh process predicting a 40,000 x 40,000 px slide with 12 tissue islands, and the
   same islands on a 20,000 x 20,000 px slide (4x smaller).
 Results go to bench_out/slides/<what>.json; figures to BENCHMARKS.md by hand.
@@ -107,14 +108,17 @@ def agreement(args) -> dict:
     slide = OUT / "held_out_64.tif"
     places, canvas = stitch([img for img, _ in items], slide, args.mpp)
     t = time.perf_counter()
-    s = predict_slide(engine, slide, OUT / "agreement", tta="none", scales=[1.0], out_factor=args.map_factor)
+    s = predict_slide(
+        engine, slide, OUT / "agreement", tta="none", scales=[1.0], out_factor=args.map_factor,
+        region=args.region, margin=args.margin,
+    )  # fmt: skip
     slide_s = time.perf_counter() - t
     mask = tifffile.imread(OUT / "agreement" / "mask.tif") > 0
     step = round(s["map_mpp"] / args.mpp)
     post = engine.spec.postprocess
     d_tile_slide, d_slide_gt, d_tile_gt, d_tile_gt_map, d_ctx_slide, d_tile_ctx = [], [], [], [], [], []
     t = time.perf_counter()
-    m = 256  # the slide's region margin: the context a region gives the network around a tile
+    m = args.margin  # the slide's region margin: the context a region gives the network around a tile
     for (img, gt), (x, y) in zip(items, places, strict=True):
         tile = postprocess(predict_probs(engine, img, tta="none", scales=[1.0]), post) > 0
         ref, g = down(tile, step), down(gt > 0, step)
@@ -134,6 +138,8 @@ def agreement(args) -> dict:
     return {
         "slide": {k: s[k] for k in ("slide_size", "map_mpp", "regions", "object_count", "seconds")},
         "map_factor": args.map_factor,
+        "region": args.region,
+        "margin": args.margin,
         "engine": args.engine,
         "mean_dice_slide_vs_tile": float(np.mean(d_tile_slide)),
         "min_dice_slide_vs_tile": float(np.min(d_tile_slide)),
@@ -163,9 +169,6 @@ def throughput(args) -> dict:
         engine = load(name, args.run, args.onnx)
         # a warm-up slide first: first-call costs (allocations, kernels) are not the pipeline's
         predict_slide(engine, slide_path, OUT / f"warmup_{name}", tta="none", scales=[1.0])
-        t = time.perf_counter()
-        s = predict_slide(engine, slide_path, OUT / f"throughput_{name}", tta="none", scales=[1.0])
-        pipeline_s = time.perf_counter() - t
         with Slide(slide_path) as slide:  # the same regions, read and prepared before the clock starts
             grid = slide_grid(engine, slide, None)
             side = grid.region + 2 * grid.margin
@@ -173,10 +176,16 @@ def throughput(args) -> dict:
             boxes = tissue_regions(grid, tissue, THUMBNAIL_MPP)
             m, mpp = grid.margin, grid.model_mpp
             xs = [prepare(engine, 0, slide.read(x - m, y - m, side, side, mpp))[0] for x, y in boxes]
-        t = time.perf_counter()
-        for x in xs:
-            engine.run(0, x[None])
-        bare_s = time.perf_counter() - t
+        pipes, bares = [], []
+        for _ in range(args.repeats):  # interleaved, so drift in the machine's speed hits both alike
+            t = time.perf_counter()
+            s = predict_slide(engine, slide_path, OUT / f"throughput_{name}", tta="none", scales=[1.0])
+            pipes.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            for x in xs:
+                engine.run(0, x[None])
+            bares.append(time.perf_counter() - t)
+        pipeline_s, bare_s = float(np.median(pipes)), float(np.median(bares))
         res[name] = {
             "regions": len(xs),
             "pipeline_s": pipeline_s,
@@ -184,6 +193,7 @@ def throughput(args) -> dict:
             "pipeline_regions_per_s": len(xs) / pipeline_s,
             "bare_regions_per_s": len(xs) / bare_s,
             "ratio": bare_s / pipeline_s,
+            "ratios": [b / p for b, p in zip(bares, pipes, strict=True)],
             "summary_read_s": s["read_seconds"],
             "summary_predict_s": s["predict_seconds"],
             "precision": engine.precision,
@@ -242,7 +252,10 @@ def main() -> None:
     ap.add_argument("--engine", default="torch", choices=["torch", "onnx"])
     ap.add_argument("--mpp", type=float, default=0.5)
     ap.add_argument("--map-factor", type=int, default=4)
+    ap.add_argument("--region", type=int, default=2048)
+    ap.add_argument("--margin", type=int, default=256)
     ap.add_argument("--tiles", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--slide", type=Path)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -254,7 +267,9 @@ def main() -> None:
     result = {"agreement": agreement, "throughput": throughput, "memory": memory}[args.what](args)
     result.update({"date": str(date.today()), "machine": machine(), "command": " ".join(sys.argv)})
     OUT.mkdir(parents=True, exist_ok=True)
-    name = f"{args.what}_{args.engine}_f{args.map_factor}" if args.what == "agreement" else args.what
+    name = args.what
+    if args.what == "agreement":
+        name = f"agreement_{args.engine}_f{args.map_factor}_r{args.region}_m{args.margin}"
     (OUT / f"{name}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 

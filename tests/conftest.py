@@ -29,6 +29,7 @@ TINY_SEG = [
     "train.val_every=1",
     "train.ema=0",
     "predict.tta=flip",
+    "predict.budget_seconds=null",  # the preset's time budget would make the TTA plan depend on the machine
 ]
 
 # The classification counterpart: a tiny untrained ResNet on 32 px images for one epoch on one thread.

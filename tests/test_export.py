@@ -325,6 +325,21 @@ def test_budget_seconds_measures_and_reports(seg_model, seg_runs, few_images, tm
         assert res.exit_code == 0, res.output
         assert shown in res.output, res.output
         assert ("exceeds the budget" in res.output) == (engine == "onnx")  # 1 microsecond cannot be met
+    # a run's predict.budget_seconds is predict's default (kept in pipeline.json); --budget-seconds 0: none
+    cfg = load_config(seg_runs[0] / "config.yaml")
+    assert cfg.predict.budget_seconds is None
+    cfg_text = (seg_runs[0] / "config.yaml").read_text()
+    budgeted = tmp_path / "budgeted"
+    shutil.copytree(seg_runs[0], budgeted)
+    (budgeted / "config.yaml").write_text(cfg_text.replace("budget_seconds: null", "budget_seconds: 1000.0"))
+    res = runner.invoke(app, ["export", str(budgeted), "-o", str(tmp_path / "exp")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "exp" / "pipeline.json").read_text())["budget_seconds"] == 1000.0
+    for extra, planned in (([], True), (["--budget-seconds", "0"], False)):
+        args = ["predict", "--engine", "onnx", str(tmp_path / "exp"), "-i", str(one)]
+        res = runner.invoke(app, [*args, "-o", str(tmp_path / "p"), "--no-overlays", *extra])
+        assert res.exit_code == 0, res.output
+        assert ("budget 1000.00 s/image" in res.output) == planned, res.output
 
 
 @pytest.mark.slow  # trains the tiny models (module fixtures)
