@@ -317,8 +317,9 @@ def test_budget_seconds_measures_and_reports(seg_model, seg_runs, few_images, tm
     expect = plan["overhead_s"] + sum(c["fixed_s"] + passes_cost(c, 8) for c in plan["costs"])
     assert plan["estimate_s"] == pytest.approx(expect)
     for engine, model, budget, shown in (
-        ("onnx", [str(seg_model)], "0.000001", "TTA none, 1/2 model(s) [0], estimated"),
-        ("torch", list(map(str, seg_runs)), "1000", "TTA flip, 2/2 model(s) [0, 1]"),  # the runs' tta: flip
+        ("onnx", [str(seg_model)], "0.000001", "TTA none x scales [1.0], 1/2 model(s) [0], estimated"),
+        # the runs' tta: flip, at the preset's two scales
+        ("torch", list(map(str, seg_runs)), "1000", "TTA flip x scales [1.0, 1.25], 2/2 model(s) [0, 1]"),
     ):
         args = ["predict", "--engine", engine, *model, "-i", str(one), "-o", str(tmp_path / engine)]
         res = runner.invoke(app, [*args, "--budget-seconds", budget, "--no-overlays"])
@@ -326,12 +327,13 @@ def test_budget_seconds_measures_and_reports(seg_model, seg_runs, few_images, tm
         assert shown in res.output, res.output
         assert ("exceeds the budget" in res.output) == (engine == "onnx")  # 1 microsecond cannot be met
     # a run's predict.budget_seconds is predict's default (kept in pipeline.json); --budget-seconds 0: none
-    cfg = load_config(seg_runs[0] / "config.yaml")
-    assert cfg.predict.budget_seconds is None
-    cfg_text = (seg_runs[0] / "config.yaml").read_text()
     budgeted = tmp_path / "budgeted"
     shutil.copytree(seg_runs[0], budgeted)
-    (budgeted / "config.yaml").write_text(cfg_text.replace("budget_seconds: null", "budget_seconds: 1000.0"))
+    ckpt_path = budgeted / "checkpoints" / "best.ckpt"  # a run keeps its config in its checkpoints
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["config"]["predict"]["budget_seconds"] is None
+    ckpt["hyper_parameters"]["config"]["predict"]["budget_seconds"] = 1000.0
+    torch.save(ckpt, ckpt_path)
     res = runner.invoke(app, ["export", str(budgeted), "-o", str(tmp_path / "exp")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "exp" / "pipeline.json").read_text())["budget_seconds"] == 1000.0
