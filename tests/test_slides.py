@@ -232,6 +232,23 @@ def test_cohort_manifest_skip_resume_and_ranks(tmp_path, monkeypatch):
     assert (r["predicted"], r["already_done"]) == (2, 0)
     assert not (out / "b.partial").exists() and (out / "b" / "summary.json").is_file()
     assert read_manifest(out)["b"]["status"] == "done"
+    # an unforeseen failure on one slide is named and skipped like a bad slide; the others still run
+    import medstudent.slides.cohort as cohort
+
+    real = cohort.predict_slide
+
+    def flaky(engine, slide, out, **kw):
+        if Path(slide).name == "a.tif":
+            raise RuntimeError("boom\nsecond line")
+        return real(engine, slide, out, **kw)
+
+    monkeypatch.setattr(cohort, "predict_slide", flaky)
+    with pytest.warns(UserWarning, match="a.tif"):
+        r = predict_cohort(engine, files, tmp_path / "flaky", region=1024, margin=128)
+    assert r["predicted"] == 1 and any(
+        "a.tif: unexpected error (RuntimeError: boom second line)" in x for x in r["skipped"]
+    )
+    monkeypatch.setattr(cohort, "predict_slide", real)
     # ranks: rank 1 of 2 takes every second slide (b)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")

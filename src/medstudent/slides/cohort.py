@@ -124,8 +124,10 @@ def predict_cohort(
         try:
             fp = fingerprint(slide)
             summary = predict_slide(engine, slide, partial, on_region=on_region, **options)
-        except DataError as e:
+        except Exception as e:  # noqa: BLE001 - a cohort names the slide and goes on, whatever went wrong
             shutil.rmtree(partial, ignore_errors=True)
+            if not isinstance(e, DataError):  # not foreseen: say what, still one line naming the slide
+                e = DataError(slide, f"unexpected error ({type(e).__name__}: {e})".replace("\n", " "))
             skipped.append(str(e))
             warnings.warn(f"skipped: {e}", stacklevel=2)
             _append(out, {"stem": stem, "status": "skipped", "reason": str(e), **_safe_fp(slide)})
