@@ -27,6 +27,7 @@ from typing import Any
 from PIL import Image
 
 from medstudent.atomic import write_text_atomic
+from medstudent.core.folder import output_stems
 from medstudent.core.inferer import Engine
 from medstudent.distributed import rank_world
 from medstudent.errors import DataError
@@ -42,17 +43,6 @@ COLUMNS = [
     "seconds",
     "regions_per_s",
 ]
-
-
-def slide_stems(slides: list[Path]) -> list[str]:
-    """Output folder names: the file stems, made unique with a counter when two slides share one."""
-    seen: dict[str, int] = {}
-    out = []
-    for p in slides:
-        stem = p.stem
-        seen[stem] = seen.get(stem, 0) + 1
-        out.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
-    return out
 
 
 def fingerprint(path: Path) -> dict[str, Any]:
@@ -108,7 +98,7 @@ def predict_cohort(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rank, world = rank_world()
-    stems = slide_stems(slides)
+    stems = output_stems(slides)  # as `predict` names outputs: by path where two slides share a stem
     mine = list(zip(slides, stems, strict=True))[rank::world]
     records = read_manifest(out)
     done = predicted = 0
