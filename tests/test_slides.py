@@ -173,6 +173,24 @@ def test_predict_slide_outputs(slide_a, tmp_path):
     assert s["tissue_area_mm2"] > 0 and s["seconds"] > 0
 
 
+def test_regions_are_read_from_a_level_at_the_network_resolution(tmp_path):
+    """A pyramid with a level at the network's um/px (0.5 um/px / scale 0.5 = 1.0: level 1 of a 2x
+    pyramid) is read there, not at 0.5 and resized: the network gets inputs of the same size and the
+    masks agree with the 4x pyramid's (no level at 1.0) and with the truth."""
+    rng = np.random.default_rng(0)
+    canvas = Canvas(3200, 2400, [blob_island(rng, 320, 320), blob_island(rng, 1900, 1500)])
+    masks, pixels = {}, {}
+    for ds, read_mpp in ((4, 0.5), (2, 1.0)):
+        path = write_pyramid_tiff(tmp_path / f"ds{ds}.tif", canvas, MPP, downsample=ds)
+        engine = DarkEngine(dark_spec())
+        s = predict_slide(engine, path, tmp_path / f"out{ds}", region=1024, margin=128)
+        assert s["read_mpp"] == read_mpp
+        masks[ds], pixels[ds] = tifffile.imread(tmp_path / f"out{ds}" / "mask.tif"), engine.pixels
+    assert pixels[2] == pixels[4] > 0  # the same network inputs (1280 / 2 px regions), however read
+    truth8 = canvas.truth(1).reshape(300, 8, 400, 8).mean(axis=(1, 3)) > 0.5
+    assert dice(masks[2], masks[4]) > 0.98 and dice(masks[2], truth8) > 0.97
+
+
 def test_min_area_is_in_square_micrometres(slide_a, tmp_path):
     cfg = scaled_postprocess(PostprocessConfig(min_area=200, closing=3), model_mpp=0.5, out_mpp=4.0)
     assert (cfg.min_area, cfg.closing, cfg.fill_border) == (4, 1, False)  # 200 px of 0.25 um^2 = 50 um^2

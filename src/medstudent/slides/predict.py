@@ -145,6 +145,7 @@ def predict_slide(
             "min_area_um2": (cfg.min_area * grid.out_mpp**2) if cfg is not None else 0.0,
             "seconds": round(seconds, 3),
             "read_seconds": round(stats.read_s, 3),
+            "read_mpp": grid.model_mpp / stats.read_scale,  # the network's when a level is there
             "predict_seconds": round(stats.predict_s, 3),
             "regions_per_s": round(stats.regions / stats.seconds, 4) if stats.seconds > 0 else None,
             "region_px": grid.region,

@@ -78,12 +78,24 @@ class Canvas:
 
 
 def write_pyramid_tiff(
-    path: str | Path, canvas: Canvas, mpp: float, tile: int = 256, with_resolution: bool = True
+    path: str | Path,
+    canvas: Canvas,
+    mpp: float,
+    tile: int = 256,
+    with_resolution: bool = True,
+    downsample: int = 4,
 ) -> Path:
-    """Write `canvas` as a tiled pyramidal TIFF at `mpp` um/px (level 0). with_resolution=False leaves
-    out the resolution tags (a slide without um/px, for the error path)."""
+    """Write `canvas` as a tiled pyramidal TIFF at `mpp` um/px (level 0), each level `downsample` times
+    coarser (4 as SVS; 2 as MRXS and many OME-TIFFs). with_resolution=False leaves out the resolution
+    tags (a slide without um/px, for the error path)."""
     return write_pyramid(
-        path, canvas.width, canvas.height, canvas.render, mpp if with_resolution else None, tile=tile
+        path,
+        canvas.width,
+        canvas.height,
+        canvas.render,
+        mpp if with_resolution else None,
+        tile=tile,
+        downsample=downsample,
     )
 
 
