@@ -180,6 +180,33 @@ def test_classification_mixed_modes_and_sizes():
     assert x.shape == (3, 32, 32)
 
 
+def test_classification_resized_crop_and_intensity_train_only():
+    """resized_crop_scale crops part of the image (zoom and aspect) in training only; the evaluation
+    transform and its contract keep the plain resize. intensity changes the values, not the geometry."""
+    img = np.zeros((100, 100), np.uint8)
+    img[:, :50] = 255  # left half bright: a crop shows it as a different bright fraction
+    base = dict(grayscale=True, image_size=32, hflip=0.0, normalize="half")
+    plain = AugmentConfig(**base)
+    zoom = AugmentConfig(**base, resized_crop_scale=(0.3, 0.5), resized_crop_ratio=(0.5, 2.0))
+    bright = lambda t: float((_np(t(image=img)["image"]) > 0).mean())  # noqa: E731
+    assert bright(T.cls_train_transform(plain, 1, seed=0)) == pytest.approx(0.5)
+    train = T.cls_train_transform(zoom, 1, seed=0)
+    fractions = {round(bright(train), 3) for _ in range(20)}
+    assert len(fractions) > 5 and all(x.shape == (1, 32, 32) for x in [_np(train(image=img)["image"])])
+    assert bright(T.cls_eval_transform(zoom, 1)) == pytest.approx(0.5)
+    assert T.eval_contract(zoom, in_channels=1) == T.eval_contract(plain, in_channels=1)
+    grey = np.full((40, 40), 128, np.uint8)
+    jitter = T.cls_train_transform(AugmentConfig(**base, intensity=1.0), 1, seed=0)
+    values = {round(float(_np(jitter(image=grey)["image"]).mean()), 3) for _ in range(10)}
+    assert len(values) > 5
+    with pytest.raises(ConfigError, match="resized_crop_scale"):
+        T.cls_train_transform(AugmentConfig(image_size=32, resized_crop_scale=(0.5, 1.2)))
+    with pytest.raises(ConfigError, match="image_size"):
+        T.cls_train_transform(AugmentConfig(resized_crop_scale=(0.5, 1.0)))
+    with pytest.raises(ConfigError, match="augment.intensity"):
+        T.cls_train_transform(AugmentConfig(image_size=32, intensity=1.5))
+
+
 @pytest.mark.parametrize(
     ("shape", "cfg"),
     [

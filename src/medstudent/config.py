@@ -75,6 +75,14 @@ class AugmentConfig(Section):
     grayscale: bool = False  # classification: read as greyscale (replicated to in_channels)
     center_crop: int | None = None  # classification: centre crop size
     image_size: int | None = None  # classification: resize to this (square) after the crop
+    # Classification training only: instead of the plain resize to image_size, a random crop keeping this
+    # range of the image's area at an aspect (width / height) drawn from resized_crop_ratio, then resized to
+    # image_size (torchvision's RandomResizedCrop). Evaluation keeps the plain resize. It teaches the network
+    # the zoom and aspect differences between scanners (OCT B-scans are 512 to 1536 px wide at 496 px high,
+    # and squashed differently into a square).
+    resized_crop_scale: tuple[float, float] | None = None
+    resized_crop_ratio: tuple[float, float] = (0.75, 4 / 3)
+    intensity: float = 0.0  # classification: probability of brightness, contrast and gamma jitter
     normalize: Literal["imagenet", "half"] = "imagenet"  # half = mean 0.5 std 0.5, as the OCT reference
 
 

@@ -210,18 +210,29 @@ def randaugment_ops(channels: int, grayscale: bool, m: float = RANDAUGMENT_MAGNI
 
 
 def cls_train_transform(cfg: AugmentConfig, in_channels: int = 3, seed: int | None = None) -> A.Compose:
-    """Channels -> [centre crop] -> [resize] -> hflip -> [rotate] -> [RandAugment] -> [noise].
+    """Channels -> [centre crop] -> [resize or random resized crop] -> hflip -> [rotate] -> [intensity]
+    -> [RandAugment] -> [noise].
 
     Only `hflip` of the flips: OCT B-scans have an up and a down, so `vflip` (and rot90) are
     segmentation-only.
     """
     validate_augment(cfg)
     mean, std = channel_params(cfg, in_channels)
-    ts = cls_geometry(cfg, in_channels)
+    ts = cls_geometry(cfg, in_channels, train=True)
     if cfg.hflip > 0:
         ts.append(A.HorizontalFlip(p=cfg.hflip))
     if cfg.rotate > 0:
         ts.append(A.Rotate(limit=(-cfg.rotate, cfg.rotate), border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0))
+    if cfg.intensity > 0:
+        ts.append(
+            A.Sequential(
+                [
+                    A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=1.0),
+                    A.RandomGamma(gamma_limit=(70, 150), p=1.0),
+                ],
+                p=cfg.intensity,
+            )
+        )
     if cfg.randaugment > 0:
         ops = randaugment_ops(in_channels, cfg.grayscale)
         ts.append(A.SomeOf(ops, n=2, replace=False, p=cfg.randaugment))

@@ -149,6 +149,7 @@ def validate_augment(cfg: AugmentConfig) -> None:
         "autoaugment_off_last",
         "randaugment",
         "noise",
+        "intensity",
     ):
         v = getattr(cfg, name)
         if not 0.0 <= v <= 1.0:
@@ -165,6 +166,15 @@ def validate_augment(cfg: AugmentConfig) -> None:
             raise ConfigError(None, f"augment.{name} must be a positive size, got {v}")
     if cfg.rotate < 0:
         raise ConfigError(None, f"augment.rotate must be >= 0 degrees, got {cfg.rotate}")
+    if cfg.resized_crop_scale is not None:
+        lo, hi = cfg.resized_crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(None, f"augment.resized_crop_scale needs 0 < low <= high <= 1, got {(lo, hi)}")
+        if not cfg.image_size:
+            raise ConfigError(None, "augment.resized_crop_scale needs augment.image_size (its output size)")
+    lo, hi = cfg.resized_crop_ratio
+    if not 0 < lo <= hi:
+        raise ConfigError(None, f"augment.resized_crop_ratio must be 0 < low <= high, got {(lo, hi)}")
 
 
 def seg_geometry(cfg: AugmentConfig) -> list:
@@ -189,11 +199,24 @@ def normalize_to_tensor(mean: tuple[float, ...], std: tuple[float, ...]) -> list
     return [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()]
 
 
-def cls_geometry(cfg: AugmentConfig, channels: int) -> list:
+def cls_geometry(cfg: AugmentConfig, channels: int, train: bool = False) -> list:
+    """Channels -> [centre crop] -> [resize]; in training with resized_crop_scale the resize is a random
+    resized crop."""
     ts: list = [ToChannels(channels, cfg.grayscale)]
     if cfg.center_crop:
         ts += [ShortSideAtLeast(cfg.center_crop), A.CenterCrop(cfg.center_crop, cfg.center_crop)]
-    if cfg.image_size:
+    if train and cfg.image_size and cfg.resized_crop_scale is not None:
+        ts.append(
+            A.RandomResizedCrop(
+                size=(cfg.image_size, cfg.image_size),
+                scale=tuple(cfg.resized_crop_scale),
+                ratio=tuple(cfg.resized_crop_ratio),
+                interpolation=cv2.INTER_LINEAR,
+                area_for_downscale="image",
+                p=1.0,
+            )
+        )
+    elif cfg.image_size:
         # area when shrinking, linear when enlarging: the rule preprocess.resize applies
         ts.append(
             A.Resize(
