@@ -114,7 +114,7 @@ def main() -> None:
         rows = [
             seg_row(str(k), g, prob=p, post=post)[0] for k, (p, g) in enumerate(zip(probs, gts, strict=True))
         ]
-        return seg_summary(rows, n_boot=0)
+        return {**seg_summary(rows, n_boot=2000), "per_image_dice": [float(r["dice"]) for r in rows]}
 
     s_none, s_flip = scores(p_none), scores(p_flip)
     s_d4 = scores(p_d4) if args.d4 else {}
@@ -140,6 +140,8 @@ def main() -> None:
             {
                 "test_mean_dice_d4_tta": s_d4["mean_dice_raw"],
                 "test_mean_dice_d4_tta_post": s_d4["mean_dice"],
+                "test_mean_dice_d4_tta_post_ci95": s_d4["mean_dice_ci95"],
+                "test_per_image_dice_d4_tta_post": s_d4["per_image_dice"],
             }
             if args.d4
             else {}
@@ -149,6 +151,8 @@ def main() -> None:
                 "tta_scales": scales,
                 "test_mean_dice_d4_scales": s_ms["mean_dice_raw"],
                 "test_mean_dice_d4_scales_post": s_ms["mean_dice"],
+                "test_mean_dice_d4_scales_post_ci95": s_ms["mean_dice_ci95"],
+                "test_per_image_dice_d4_scales_post": s_ms["per_image_dice"],
                 "test_pooled_dice_d4_scales_post": s_ms["pooled_dice"],
                 "inference_s_per_image_d4_scales": float(np.mean(secs_ms)),
             }
