@@ -1,7 +1,7 @@
 """Benchmark: whole-slide inference (issue 19) on slides stitched from the held-out shared STAS tiles.
 
     .venv/bin/python benchmarks/slides.py agreement  --run RUN [--mpp 0.5] [--map-factor 4]
-    .venv/bin/python benchmarks/slides.py throughput --run RUN --onnx EXPORT [--tiles 16]
+    .venv/bin/python benchmarks/slides.py throughput --run RUN --onnx EXPORT [--tiles 16] [--downsample 4]
     .venv/bin/python benchmarks/slides.py memory     --run RUN [--engine torch|onnx --onnx EXPORT]
 
 RUN is a STAS run folder whose split.json holds out 64 test images (e.g. `medstudent train stas_cpu --fold
@@ -51,8 +51,9 @@ def held_out(run: Path):
     return [ds.load(index[t]) for t in split["test"]]
 
 
-def stitch(tiles: list[np.ndarray], path: Path, mpp: float, cols: int = 8):
-    """The tiles on white, `cols` per row with GAP px between; returns their (x, y) positions."""
+def stitch(tiles: list[np.ndarray], path: Path, mpp: float, cols: int = 8, downsample: int = 4):
+    """The tiles on white, `cols` per row with GAP px between, as a pyramid whose levels are `downsample`
+    times coarser each; returns their (x, y) positions and the canvas."""
     from medstudent.data.synth.slide import Canvas, Island, write_pyramid_tiff
 
     h, w = max(t.shape[0] for t in tiles), max(t.shape[1] for t in tiles)
@@ -64,7 +65,7 @@ def stitch(tiles: list[np.ndarray], path: Path, mpp: float, cols: int = 8):
         r, c = divmod(k, cols)
         places.append((GAP + c * pw, GAP + r * ph))
         canvas.islands.append(Island(*places[-1], t))
-    write_pyramid_tiff(path, canvas, mpp)
+    write_pyramid_tiff(path, canvas, mpp, downsample=downsample)
     return places, canvas
 
 
@@ -162,8 +163,8 @@ def throughput(args) -> dict:
 
     items = held_out(args.run)[: args.tiles]
     OUT.mkdir(parents=True, exist_ok=True)
-    slide_path = OUT / f"held_out_{args.tiles}.tif"
-    stitch([img for img, _ in items], slide_path, args.mpp, cols=4)  # (positions, canvas) unused
+    slide_path = OUT / f"held_out_{args.tiles}_ds{args.downsample}.tif"
+    stitch([img for img, _ in items], slide_path, args.mpp, cols=4, downsample=args.downsample)
     res = {}
     for name in ("torch", "onnx"):
         engine = load(name, args.run, args.onnx)
@@ -195,6 +196,8 @@ def throughput(args) -> dict:
             "ratio": bare_s / pipeline_s,
             "ratios": [b / p for b, p in zip(bares, pipes, strict=True)],
             "summary_read_s": s["read_seconds"],
+            "read_mpp": s["read_mpp"],
+            "slide_downsample": args.downsample,
             "summary_predict_s": s["predict_seconds"],
             "precision": engine.precision,
         }
@@ -255,6 +258,9 @@ def main() -> None:
     ap.add_argument("--region", type=int, default=2048)
     ap.add_argument("--margin", type=int, default=256)
     ap.add_argument("--tiles", type=int, default=16)
+    ap.add_argument(
+        "--downsample", type=int, default=4, help="pyramid step of the slide (2: a level at 1 um/px)"
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--slide", type=Path)
     ap.add_argument("--out", type=Path)
