@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medstudent.errors import DataError
 from medstudent.evaluation.evaluate import evaluate_segmentation
 from medstudent.evaluation.lesions import (
     boundary_scores,
@@ -99,6 +100,17 @@ def test_evaluate_reports_lesions_sizes_and_boundaries(tmp_path):
     saved = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert saved["lesion_f1_ci95"][0] <= 0.5 <= saved["lesion_f1_ci95"][1]
     assert (tmp_path / "report" / "lesions_by_size.csv").is_file()
+
+
+def test_evaluate_refuses_two_predicted_masks_of_one_image(tmp_path):
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir()
+    gt_dir.mkdir()
+    empty = Image.fromarray(np.zeros((16, 16), np.uint8))
+    for path in (pred_dir / "a.png", pred_dir / "a.tif", gt_dir / "a.png"):
+        empty.save(path)
+    with pytest.raises(DataError, match=r"a\.tif.*two predicted masks for 'a'"):
+        evaluate_segmentation(pred_dir, gt_dir, tmp_path / "report")
 
 
 def test_evaluate_scores_every_class_of_label_maps(tmp_path):

@@ -37,7 +37,11 @@ from medstudent.evaluation.scoring import cls_summary, seg_row, seg_summary
 
 def _pred_masks(pred: Path) -> dict[str, Path]:
     folder = pred / "masks" if (pred / "masks").is_dir() else pred
-    masks = {p.stem: p for p in list_images(folder)}
+    masks: dict[str, Path] = {}
+    for p in list_images(folder):
+        if p.stem in masks:  # a.png and a.tif: which one is the prediction of image a is not knowable
+            raise DataError(p, f"two predicted masks for '{p.stem}' ({masks[p.stem].name} and {p.name})")
+        masks[p.stem] = p
     if not masks:
         raise DataError(pred, "contains no predicted mask images")
     return masks
