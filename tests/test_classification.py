@@ -143,3 +143,34 @@ def test_class_weights_and_balanced_sampling(synth_oct_dir, tmp_path):
     torch.manual_seed(0)
     seen = np.bincount(np.concatenate([b["label"].numpy() for _ in range(8) for b in loader]), minlength=4)
     assert seen[normal] / seen.sum() > 2 * counts[normal] / counts.sum()  # sampler over-draws the rare class
+
+
+def test_balanced_sampling_draws_pseudo_labelled_samples_too(synth_oct_dir, tmp_path):
+    """With self-training's extra (pseudo-labelled) samples, the class-balanced sampler draws from the
+    labelled and the pseudo-labelled images alike, balanced over both."""
+    from medstudent.training.loaders import make_loaders, prepare_data
+
+    ds = open_classification(synth_oct_dir)
+    save_split(split_from_folders(ds), tmp_path / "s.json")
+    cfg = load_config(
+        "oct_cpu",
+        [
+            f"data.root={synth_oct_dir}",
+            f"data.split={tmp_path / 's.json'}",
+            "train.balanced_sampling=true",
+            "augment.image_size=32",
+            "train.batch_size=4",
+        ],
+    )
+    prep = prepare_data(cfg)
+    normal = ds.class_names.index("NORMAL")
+    pool = [i for i in prep.val_idx][:6]  # stand-ins for unlabelled images, all pseudo-labelled NORMAL
+    extra = ClsTorchDataset(ds, pool, None, labels=dict.fromkeys(pool, normal), num_classes=4)
+    loader, _ = make_loaders(cfg, prep, extra_train=extra)
+    n_labelled = len(prep.train_idx)
+    assert len(loader.sampler) == n_labelled + len(pool)
+    drawn = np.array([k for _ in range(10) for k in loader.sampler])
+    assert (drawn >= n_labelled).any()  # pseudo-labelled samples are drawn
+    labels = [ds.items[i].label for i in prep.train_idx] + [normal] * len(pool)
+    seen = np.bincount(np.array(labels)[drawn], minlength=4)
+    assert seen.min() / seen.max() > 0.6  # balanced over both parts

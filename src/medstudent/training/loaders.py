@@ -93,6 +93,9 @@ def make_loaders(cfg: RunConfig, prep: Prepared, extra_train: torch.utils.data.D
         train_ds.transform = transform  # type: ignore[attr-defined]
     if t.balanced_sampling and d.task == "classification":
         labels = np.array([ds.items[i].label for i in prep.train_idx])
+        if extra_train is not None:  # pseudo-labelled samples are drawn too, balanced by their hard class
+            extra = [int(p.target(i).argmax()) for p in _leaves(extra_train) for i in p.indices]
+            labels = np.concatenate([labels, np.array(extra, dtype=labels.dtype)])
         freq = np.bincount(labels, minlength=ds.num_classes).astype(float)
         weights = 1.0 / freq[labels]
         sampler: EpochStart = EpochWeightedSampler(torch.as_tensor(weights), len(labels), seed=t.seed)
