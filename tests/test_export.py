@@ -521,6 +521,11 @@ def test_predict_slide_engines_agree_with_predict_on_the_tiles(seg_model, seg_ru
         res = runner.invoke(app, [*args, "--engine", engine, "--model-mpp", "1.0", "--region", "512"])
         assert res.exit_code == 0, res.output
         assert "1 slide(s) predicted" in res.output
+        # the tiny FPN normalises over the whole input: the user is told, and summary.json records it
+        said = " ".join(res.output.split())  # rich wraps long lines
+        assert "GroupNorm" in said and "predicts regions independently" in said
+        layers = json.loads((outs[engine] / "case" / "summary.json").read_text())["whole_input_layers"]
+        assert "GroupNorm" in layers
     pt = tifffile.imread(outs["torch"] / "case" / "prob.tif").astype(int)
     po = tifffile.imread(outs["onnx"] / "case" / "prob.tif").astype(int)
     assert np.abs(pt - po).max() <= 2

@@ -104,6 +104,30 @@ def test_fpn_merge_is_additions_with_smps_result() -> None:
         assert torch.allclose(model(x), y, atol=1e-6)
 
 
+def test_whole_input_layers_tell_local_networks_from_global_ones() -> None:
+    """A UNet over Lite0 (BatchNorm, no squeeze-excitation) is local; smp's FPN decoder (GroupNorm),
+    DeepLabV3's image pooling and an SE encoder are not. The probe agrees: glass far from a pixel moves
+    the FPN's prediction there, not the UNet's."""
+    from medstudent.models.locality import whole_input_layers
+
+    unet = create_model("unet", num_classes=2, encoder="efficientnet_lite0", pretrained=None).eval()
+    fpn = create_model("fpn", num_classes=2, encoder="efficientnet_lite0", pretrained=None).eval()
+    assert whole_input_layers(unet) == []
+    assert whole_input_layers(fpn) == ["GroupNorm"]
+    assert "ASPPPooling" in whole_input_layers(create_model("deeplabv3plus", num_classes=2, encoder="resnet18"))
+    assert "SqueezeExcite" in whole_input_layers(
+        create_model("unet", num_classes=2, encoder="efficientnet_b0")
+    )
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 128, 2048)
+    far = x.clone()
+    far[..., 1536:] = 1.0  # "glass" in the right quarter, beyond the receptive field of the left edge
+    with torch.no_grad():
+        for model, local in ((unet, True), (fpn, False)):
+            moved = (model(x) - model(far))[..., :64].abs().max().item()
+            assert (moved < 1e-5) == local, (type(model).__name__, moved)
+
+
 def test_greyscale_segmentation() -> None:
     model = create_model("fpn", num_classes=2, in_channels=1, pretrained=BUNDLED).eval()
     w = bundled_lite0_state_dict()["conv_stem.weight"]

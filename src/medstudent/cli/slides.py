@@ -68,6 +68,14 @@ def predict_slide_cmd(
         raise typer.Exit(launch_local(devices))
     files = list_slides(slides)
     engine_obj = _load_engine(engine, model, precision=precision, device=device, int8=int8)
+    layers = engine_obj.spec.whole_input_layers()
+    if layers:
+        console.print(
+            f"[yellow]note:[/] the model has {', '.join(layers)}: each prediction depends on the whole "
+            "region around it (glass included), so slide and tile predictions differ; a model without "
+            "them (e.g. model.arch=unet over a Lite encoder) predicts regions independently",
+            highlight=False,
+        )
     with _progress() as bar:
         task = bar.add_task("slides", total=None)
 

@@ -95,6 +95,9 @@ class MemberSpec(_Spec):
     int8_file: str | None = None
     sha256: str | None = None
     source: str | None = None
+    # segmentation: layer types that make every output pixel depend on the whole input (GroupNorm,
+    # squeeze-excitation, ...; models.locality); [] = a local network; None = not recorded (older exports)
+    whole_input_layers: list[str] | None = None
 
 
 class EnsembleSpec(_Spec):
@@ -157,6 +160,12 @@ class PipelineSpec(_Spec):
         if self.task != "segmentation":
             return [1.0]
         return [float(f) for f in scales] if scales else [float(f) for f in self.tta_scales]
+
+    def whole_input_layers(self) -> list[str] | None:
+        """The members' layer types that make a prediction depend on the whole input around it (None:
+        some member's export did not record them)."""
+        known = [m.whole_input_layers for m in self.members]
+        return None if any(k is None for k in known) else sorted({n for k in known for n in k or []})
 
     def threshold(self) -> float:
         """The probability a vote counts as positive at (the post-processing threshold, else 0.5)."""

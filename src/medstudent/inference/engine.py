@@ -16,6 +16,7 @@ import torch
 from medstudent.core.contract import EnsembleSpec, MemberSpec, PipelineSpec, PreprocessSpec, WindowSpec
 from medstudent.errors import DataError
 from medstudent.inference.runs import Predictor, expand_runs, load_predictor, resolve_device
+from medstudent.models.locality import whole_input_layers
 from medstudent.precision import resolve_precision
 
 
@@ -29,6 +30,7 @@ def member_spec(pred: Predictor, weight: float = 1.0) -> MemberSpec:
         ),
         weight=float(weight),
         source=str(pred.source),
+        whole_input_layers=whole_input_layers(pred.model) if pred.task == "segmentation" else None,
     )
 
 

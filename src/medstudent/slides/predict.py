@@ -146,6 +146,7 @@ def predict_slide(
             "seconds": round(seconds, 3),
             "read_seconds": round(stats.read_s, 3),
             "read_mpp": grid.model_mpp / stats.read_scale,  # the network's when a level is there
+            "whole_input_layers": spec.whole_input_layers(),
             "predict_seconds": round(stats.predict_s, 3),
             "regions_per_s": round(stats.regions / stats.seconds, 4) if stats.seconds > 0 else None,
             "region_px": grid.region,
