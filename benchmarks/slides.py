@@ -118,6 +118,8 @@ def agreement(args) -> dict:
     step = round(s["map_mpp"] / args.mpp)
     post = engine.spec.postprocess
     d_tile_slide, d_slide_gt, d_tile_gt, d_tile_gt_map, d_ctx_slide, d_tile_ctx = [], [], [], [], [], []
+    d_interior = []  # slide vs tile without a band of --border px along the tile's edges
+    b = max(1, round(args.border / step))
     t = time.perf_counter()
     m = args.margin  # the slide's region margin: the context a region gives the network around a tile
     for (img, gt), (x, y) in zip(items, places, strict=True):
@@ -130,6 +132,7 @@ def agreement(args) -> dict:
         ctx = postprocess(predict_probs(engine, around, tta="none", scales=[1.0])[m : m + h, m : m + w], post)
         ctx = down(ctx > 0, step)
         d_tile_slide.append(dice(crop, ref))
+        d_interior.append(dice(crop[b:-b, b:-b], ref[b:-b, b:-b]))
         d_slide_gt.append(dice(crop, g))
         d_tile_gt.append(dice(tile, gt > 0))
         d_tile_gt_map.append(dice(ref, g))
@@ -144,6 +147,8 @@ def agreement(args) -> dict:
         "engine": args.engine,
         "mean_dice_slide_vs_tile": float(np.mean(d_tile_slide)),
         "min_dice_slide_vs_tile": float(np.min(d_tile_slide)),
+        "border_px": args.border,
+        "mean_dice_slide_vs_tile_interior": float(np.mean(d_interior)),
         "mean_dice_slide_vs_tile_in_its_surroundings": float(np.mean(d_ctx_slide)),
         "mean_dice_tile_alone_vs_tile_in_its_surroundings": float(np.mean(d_tile_ctx)),
         "mean_dice_slide_vs_gt_on_map_grid": float(np.mean(d_slide_gt)),
@@ -262,6 +267,7 @@ def main() -> None:
         "--downsample", type=int, default=4, help="pyramid step of the slide (2: a level at 1 um/px)"
     )
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--border", type=int, default=128, help="agreement: px left out")
     ap.add_argument("--slide", type=Path)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -276,6 +282,8 @@ def main() -> None:
     name = args.what
     if args.what == "agreement":
         name = f"agreement_{args.engine}_f{args.map_factor}_r{args.region}_m{args.margin}"
+    if args.what == "throughput":
+        name = f"throughput_ds{args.downsample}"
     (OUT / f"{name}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 
