@@ -57,9 +57,19 @@ def limitations(spec: PipelineSpec, preds: list[Predictor], metrics: list[dict])
         out.append(
             f"Predicts at {pre.scale:g}x the input resolution: structures a few pixels wide may be lost."
         )
-    out.append(
-        "The training resolution in micrometres per pixel is not recorded: give inputs the same scan scale."
-    )
+    if spec.mpp is None:
+        out.append(
+            "The training resolution in micrometres per pixel is not recorded: give inputs the same scan "
+            "scale (whole slides need `--model-mpp`)."
+        )
+    else:
+        out.append(f"Trained on images at {spec.mpp:g} um/px: whole slides are read at that scale.")
+    layers = spec.whole_input_layers()
+    if spec.task == "segmentation" and layers:
+        out.append(
+            f"Has {', '.join(layers)}: a prediction depends on the whole input around it, so whole-slide "
+            "regions and single tiles of the same tissue can be predicted differently."
+        )
     if any(is_synthetic(p.cfg.data.root) for p in preds):
         out.append("Trained on synthetic data: a demonstration model, not for real images.")
     return out
