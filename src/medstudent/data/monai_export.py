@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from medstudent.atomic import write_text_atomic
 from medstudent.data.layouts import SegmentationDataset
 from medstudent.data.nnunet import case_ids
 from medstudent.errors import DataError
@@ -84,5 +85,5 @@ def export_monai(ds: SegmentationDataset, out: str | Path, split: dict | None = 
         "test": testing,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
+    write_text_atomic(out, json.dumps(doc, indent=1))
     return {"datalist": str(out), "masks": str(mask_dir), "training": len(training), "test": len(testing)}

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from medstudent.atomic import write_text_atomic
 from medstudent.data.io import is_folder, list_dir, read_regular_bytes
 from medstudent.data.layouts import SegItem, SegmentationDataset
 from medstudent.errors import DataError
@@ -121,7 +122,7 @@ def export_nnunet(ds: SegmentationDataset, out: str | Path, split: dict | None =
         "name": out.name.split("_", 1)[1],
         "medstudent_ids": {cases[i]: i for i in ds.ids()},
     }
-    (out / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
+    write_text_atomic(out / "dataset.json", json.dumps(dataset_json, indent=1))
     summary = {"folder": str(out), "training": len(train_ids), "test": len(test_ids), "splits_final": None}
     if split is not None:
         folds = [

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from medstudent.atomic import atomic_path
 from medstudent.data.layouts import SegmentationDataset, open_segmentation
 from medstudent.errors import DataError
 
@@ -98,15 +99,17 @@ def write_stats(
     per_image, per_object, skipped = lesion_stats(ds, skip_bad=skip_bad)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    per_image.to_csv(out / "images.csv", index=False)
-    per_object.to_csv(out / "objects.csv", index=False)
+    for name, table in (("images.csv", per_image), ("objects.csv", per_object)):
+        with atomic_path(out / name, fsync=False) as tmp:
+            table.to_csv(tmp, index=False)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     counts = per_image["objects"] if len(per_image) else pd.Series([0])
     ax.hist(counts, bins=np.arange(counts.max() + 2) - 0.5, color="#7b3294", edgecolor="white")
     ax.set(xlabel="objects per image", ylabel="images", title=f"{Path(root).name}: objects per image")
     fig.tight_layout()
-    fig.savefig(out / "objects_per_image.png", dpi=120)
+    with atomic_path(out / "objects_per_image.png", fsync=False) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -127,7 +130,8 @@ def write_stats(
         title=f"{len(per_object)} objects in {len(per_image)} images",
     )
     fig.tight_layout()
-    fig.savefig(out / "object_areas.png", dpi=120)
+    with atomic_path(out / "object_areas.png", fsync=False) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
     area = per_object["area_px"] if len(per_object) else pd.Series([0])

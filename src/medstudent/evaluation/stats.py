@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from medstudent.atomic import atomic_path, write_text_atomic
 from medstudent.errors import DataError
 from medstudent.evaluation.results import read_results
 
@@ -280,7 +281,8 @@ def cd_diagram_png(comp: Comparison, path: str | Path) -> Path | None:
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_path(path, fsync=False) as tmp:
+        fig.savefig(tmp, format="png")
     return path
 
 
@@ -364,18 +366,22 @@ def write_report(comp: Comparison, out: str | Path) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = {"means": out / "means.csv", "ranks": out / "ranks.csv"}
-    comp.means.to_csv(files["means"])
-    comp.ranks.to_csv(files["ranks"])
+    # every file replaced in one rename: a killed run leaves the old report or the new one, never half
+    with atomic_path(files["means"], fsync=False) as tmp:
+        comp.means.to_csv(tmp)
+    with atomic_path(files["ranks"], fsync=False) as tmp:
+        comp.ranks.to_csv(tmp)
     if comp.nemenyi is not None:
         files["nemenyi"] = out / "nemenyi.csv"
-        comp.nemenyi.to_csv(files["nemenyi"])
+        with atomic_path(files["nemenyi"], fsync=False) as tmp:
+            comp.nemenyi.to_csv(tmp)
     png = cd_diagram_png(comp, out / "cd_diagram.png")
     if png is not None:
         files["cd_diagram"] = png
     files["markdown"] = out / "compare.md"
-    files["markdown"].write_text(to_markdown(comp, png.name if png else None))
+    write_text_atomic(files["markdown"], to_markdown(comp, png.name if png else None), fsync=False)
     files["json"] = out / "compare.json"
-    files["json"].write_text(json.dumps(comp.to_dict(), indent=1))
+    write_text_atomic(files["json"], json.dumps(comp.to_dict(), indent=1), fsync=False)
     return files
 
 

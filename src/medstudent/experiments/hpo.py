@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from medstudent.atomic import atomic_path, write_text_atomic
 from medstudent.config import RunConfig, save_config
 from medstudent.errors import ConfigError, DataError
 from medstudent.evaluation.results import primary_metric
@@ -274,7 +275,8 @@ def write_study_report(
     trials = study.get_trials(deepcopy=False)
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
     if trials:
-        study.trials_dataframe().to_csv(out / "trials.csv", index=False)
+        with atomic_path(out / "trials.csv", fsync=False) as tmp:
+            study.trials_dataframe().to_csv(tmp, index=False)
     report: dict[str, Any] = {
         "study": study.study_name,
         "storage": masked_url(url),
@@ -290,5 +292,5 @@ def write_study_report(
         report.update(best_value=best.value, best_params=best.params, best_trial=best.number)
         save_config(stored_trial_config(cfg, space, best.params), out / "best_config.yaml")
         report["best_config"] = str(out / "best_config.yaml")
-    (out / "best.json").write_text(json.dumps(report, indent=1))
+    write_text_atomic(out / "best.json", json.dumps(report, indent=1))
     return report
