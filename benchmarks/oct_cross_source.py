@@ -193,6 +193,15 @@ def main() -> None:
                     flush=True,
                 )
     shutil.rmtree(args.out / "work", ignore_errors=True)
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    print("\nprotocol    variant        seeds  mean accuracy  (each seed [95% CI])")
+    for key in sorted({(r["protocol"], r["variant"]) for r in rows}):
+        mine = [r for r in rows if (r["protocol"], r["variant"]) == key]
+        each = ", ".join(
+            f"{r['accuracy']:.3f} [{r['accuracy_ci95'][0]:.2f}, {r['accuracy_ci95'][1]:.2f}]" for r in mine
+        )
+        mean = np.mean([r["accuracy"] for r in mine])
+        print(f"{key[0]:11s} {key[1]:13s} {len(mine):5d}  {mean:.3f}          ({each})")
 
 
 if __name__ == "__main__":

@@ -119,7 +119,8 @@ def agreement(args) -> dict:
     post = engine.spec.postprocess
     d_tile_slide, d_slide_gt, d_tile_gt, d_tile_gt_map, d_ctx_slide, d_tile_ctx = [], [], [], [], [], []
     d_interior = []  # slide vs tile without a band of --border px along the tile's edges
-    b = max(1, round(args.border / step))
+    b = round(args.border / step)
+    inner = (slice(b, -b), slice(b, -b)) if b else (slice(None), slice(None))
     t = time.perf_counter()
     m = args.margin  # the slide's region margin: the context a region gives the network around a tile
     for (img, gt), (x, y) in zip(items, places, strict=True):
@@ -132,7 +133,7 @@ def agreement(args) -> dict:
         ctx = postprocess(predict_probs(engine, around, tta="none", scales=[1.0])[m : m + h, m : m + w], post)
         ctx = down(ctx > 0, step)
         d_tile_slide.append(dice(crop, ref))
-        d_interior.append(dice(crop[b:-b, b:-b], ref[b:-b, b:-b]))
+        d_interior.append(dice(crop[inner], ref[inner]))
         d_slide_gt.append(dice(crop, g))
         d_tile_gt.append(dice(tile, gt > 0))
         d_tile_gt_map.append(dice(ref, g))

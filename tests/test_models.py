@@ -114,6 +114,8 @@ def test_whole_input_layers_tell_local_networks_from_global_ones() -> None:
     fpn = create_model("fpn", num_classes=2, encoder="efficientnet_lite0", pretrained=None).eval()
     assert whole_input_layers(unet) == []
     assert whole_input_layers(fpn) == ["GroupNorm"]
+    native_b0 = create_model("unet", num_classes=2, encoder="efficientnet-b0")  # smp's own blocks
+    assert "SqueezeExcite" in whole_input_layers(native_b0)
     deeplab = create_model("deeplabv3plus", num_classes=2, encoder="resnet18")
     assert "ASPPPooling" in whole_input_layers(deeplab)
     assert "SqueezeExcite" in whole_input_layers(

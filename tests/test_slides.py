@@ -179,16 +179,26 @@ def test_regions_are_read_from_a_level_at_the_network_resolution(tmp_path):
     masks agree with the 4x pyramid's (no level at 1.0) and with the truth."""
     rng = np.random.default_rng(0)
     canvas = Canvas(3200, 2400, [blob_island(rng, 320, 320), blob_island(rng, 1900, 1500)])
-    masks, pixels = {}, {}
-    for ds, read_mpp in ((4, 0.5), (2, 1.0)):
-        path = write_pyramid_tiff(tmp_path / f"ds{ds}.tif", canvas, MPP, downsample=ds)
-        engine = DarkEngine(dark_spec())
-        s = predict_slide(engine, path, tmp_path / f"out{ds}", region=1024, margin=128)
-        assert s["read_mpp"] == read_mpp
-        masks[ds], pixels[ds] = tifffile.imread(tmp_path / f"out{ds}" / "mask.tif"), engine.pixels
-    assert pixels[2] == pixels[4] > 0  # the same network inputs (1280 / 2 px regions), however read
     truth8 = canvas.truth(1).reshape(300, 8, 400, 8).mean(axis=(1, 3)) > 0.5
-    assert dice(masks[2], masks[4]) > 0.98 and dice(masks[2], truth8) > 0.97
+    for scales in ([1.0], [0.75, 1.0, 1.25]):  # multi-scale TTA: the same inputs at every scale
+        masks, pixels = {}, {}
+        for ds, read_mpp in ((4, 0.5), (2, 1.0)):
+            path = tmp_path / f"ds{ds}.tif"
+            if not path.is_file():
+                write_pyramid_tiff(path, canvas, MPP, downsample=ds)
+            engine = DarkEngine(dark_spec())
+            out = tmp_path / f"out{ds}_{len(scales)}"
+            s = predict_slide(engine, path, out, region=1024, margin=128, scales=scales)
+            assert s["read_mpp"] == read_mpp
+            masks[ds], pixels[ds] = tifffile.imread(out / "mask.tif"), engine.pixels
+        assert pixels[2] == pixels[4] > 0  # the same network inputs (1280 / 2 px regions), however read
+        assert dice(masks[2], masks[4]) > 0.98 and dice(masks[2], truth8) > 0.97
+    # an ensemble with a member at full resolution is read at the model's um/px (no upsampled pixels)
+    two = dark_spec()
+    full = two.members[0].model_copy(update={"preprocess": dark_spec(scale=1.0).members[0].preprocess})
+    two = two.model_copy(update={"members": [two.members[0], full]})
+    s = predict_slide(DarkEngine(two), tmp_path / "ds2.tif", tmp_path / "ens", region=1024, margin=128)
+    assert s["read_mpp"] == 0.5
 
 
 def test_min_area_is_in_square_micrometres(slide_a, tmp_path):

@@ -96,7 +96,8 @@ class MemberSpec(_Spec):
     sha256: str | None = None
     source: str | None = None
     # segmentation: layer types that make every output pixel depend on the whole input (GroupNorm,
-    # squeeze-excitation, ...; models.locality); [] = a local network; None = not recorded (older exports)
+    # squeeze-excitation, ...; models.locality); [] = none of the known types; None = not recorded (older
+    # exports)
     whole_input_layers: list[str] | None = None
 
 

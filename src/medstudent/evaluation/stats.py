@@ -366,7 +366,8 @@ def write_report(comp: Comparison, out: str | Path) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = {"means": out / "means.csv", "ranks": out / "ranks.csv"}
-    # every file replaced in one rename: a killed run leaves the old report or the new one, never half
+    # each file replaced in one rename: a killed run never leaves a half-written file (the set of files
+    # can still mix old and new)
     with atomic_path(files["means"], fsync=False) as tmp:
         comp.means.to_csv(tmp)
     with atomic_path(files["ranks"], fsync=False) as tmp:

@@ -58,12 +58,15 @@ def limitations(spec: PipelineSpec, preds: list[Predictor], metrics: list[dict])
             f"Predicts at {pre.scale:g}x the input resolution: structures a few pixels wide may be lost."
         )
     if spec.mpp is None:
+        slides = " (whole slides need `predict-slide --model-mpp`)" if spec.task == "segmentation" else ""
         out.append(
-            "The training resolution in micrometres per pixel is not recorded: give inputs the same scan "
-            "scale (whole slides need `--model-mpp`)."
+            f"The training resolution in micrometres per pixel is not recorded: give inputs the same scan "
+            f"scale{slides}."
         )
     else:
-        out.append(f"Trained on images at {spec.mpp:g} um/px: whole slides are read at that scale.")
+        out.append(
+            f"Trained on images at {spec.mpp:g} um/px: give inputs at that scale (slides are read by it)."
+        )
     layers = spec.whole_input_layers()
     if spec.task == "segmentation" and layers:
         out.append(

@@ -10,8 +10,8 @@ given to `medstudent predict`, so both engines and every option work on slides u
 cut off and the rest averaged down by `out_factor` into a uint8 memmap (0-255 probabilities): peak memory
 is a few regions in flight, whatever the slide's size.
 
-When the slide's pyramid has a level at the network's own um/px (the model's um/px divided by its `scale`,
-e.g. level 1 of a 40x slide for a model trained at 0.5 um/px on half-size inputs), regions are read from
+When the slide's pyramid has a level at the network's own um/px (the model's um/px divided by its `scale`
+< 1, e.g. level 1 of a 40x slide for a model trained at 0.5 um/px on half-size inputs), regions are read from
 that level as they are instead of reading the finer level and resizing twice (slide -> model um/px ->
 network): the scanner already downsampled those pixels, and the reader thread, which competes with the
 network for the same cores, decodes 4x to 16x fewer pixels.
@@ -32,6 +32,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from medstudent.core.contract import PipelineSpec
 from medstudent.core.inferer import Engine, predict_probs, prepare_inputs
 from medstudent.data.slide import MPP_TOLERANCE, Slide
 from medstudent.errors import DataError
@@ -87,7 +88,7 @@ def slide_grid(
     if mpp is None:
         raise DataError(slide.path, "the model records no um/px (train with data.mpp=...); pass --model-mpp")
     pre = spec.members[0].preprocess
-    if pre.resize:
+    if any(m.preprocess.resize for m in spec.members):
         raise DataError(slide.path, "the model resizes images to a fixed size; slides need a fixed um/px")
     step = max(1, round(out_factor / pre.scale))
     region = max(step, region // step * step)
@@ -112,12 +113,14 @@ def tissue_regions(grid: SlideGrid, tissue: np.ndarray | None, tissue_mpp: float
     return out
 
 
-def read_scale(slide: Slide, grid: SlideGrid) -> float:
+def read_scale(slide: Slide, grid: SlideGrid, spec: PipelineSpec) -> float:
     """grid.net_scale when regions can be read at the network's um/px straight from a pyramid level (one
     within MPP_TOLERANCE, with the region, margin and map step whole pixels there), else 1.0 (read at the
-    model's um/px; the contract resizes)."""
+    model's um/px; the contract resizes). Only for networks that see fewer pixels than the model's um/px
+    has (scale < 1), and only when every member of an ensemble works at that scale: a member at a finer
+    scale would otherwise get upsampled pixels."""
     s = grid.net_scale
-    if s == 1.0:
+    if s >= 1.0 or any(m.preprocess.scale != s for m in spec.members):
         return 1.0
     net_mpp = grid.model_mpp / s
     level_mpp = slide.mpp * slide.level_downsamples[slide.level_for(net_mpp)]
@@ -203,7 +206,7 @@ def predict_regions(
     stats = StreamStats(regions_total=len(boxes))
     t0 = time.perf_counter()
     ow, oh = grid.out_size
-    rs = read_scale(slide, grid)
+    rs = read_scale(slide, grid, engine.spec)
     stats.read_scale = rs
     # an image read at rs x the model's resolution needs the contract's resize divided by rs
     factors = [f / rs for f in engine.spec.scale_factors(scales)]
