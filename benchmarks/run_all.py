@@ -21,6 +21,7 @@ def main() -> int:
     status = 0
     scripts = (
         "oct_cpu.py",
+        "oct_cross_source.py",  # train/ vs val/ of the shared OCT images, both ways
         "stas_cpu.py",
         "onnx_speed.py",  # needs stas_cpu's model
         "selftrain_stas.py",  # uses stas_cpu's split
