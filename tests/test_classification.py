@@ -23,6 +23,13 @@ from medstudent.training.train import train
 runner = CliRunner()
 
 
+def folder_split_cfg(root, tmp, *overrides: str):
+    """The OCT data set at `root` with its train/val folders as the split, and oct_cpu with `overrides`."""
+    ds = open_classification(root)
+    save_split(split_from_folders(ds), tmp / "split.json")
+    return ds, load_config("oct_cpu", [f"data.root={root}", f"data.split={tmp / 'split.json'}", *overrides])
+
+
 @pytest.fixture(scope="module")
 def oct_run(synth_oct_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("octrun")
@@ -150,17 +157,8 @@ def test_balanced_sampling_draws_pseudo_labelled_samples_too(synth_oct_dir, tmp_
     labelled and the pseudo-labelled images alike, balanced over both."""
     from medstudent.training.loaders import make_loaders, prepare_data
 
-    ds = open_classification(synth_oct_dir)
-    save_split(split_from_folders(ds), tmp_path / "s.json")
-    cfg = load_config(
-        "oct_cpu",
-        [
-            f"data.root={synth_oct_dir}",
-            f"data.split={tmp_path / 's.json'}",
-            "train.balanced_sampling=true",
-            "augment.image_size=32",
-            "train.batch_size=4",
-        ],
+    ds, cfg = folder_split_cfg(
+        synth_oct_dir, tmp_path, "train.balanced_sampling=true", "augment.image_size=32", "train.batch_size=4"
     )
     prep = prepare_data(cfg)
     normal = ds.class_names.index("NORMAL")
