@@ -365,17 +365,11 @@ def write_report(comp: Comparison, out: str | Path) -> dict[str, Path]:
     """compare.md, compare.json, means.csv, ranks.csv, nemenyi.csv and cd_diagram.png (>= 3 methods)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"means": out / "means.csv", "ranks": out / "ranks.csv"}
-    # each file replaced in one rename: a killed run never leaves a half-written file (the set of files
-    # can still mix old and new)
-    with atomic_path(files["means"], fsync=False) as tmp:
-        comp.means.to_csv(tmp)
-    with atomic_path(files["ranks"], fsync=False) as tmp:
-        comp.ranks.to_csv(tmp)
-    if comp.nemenyi is not None:
-        files["nemenyi"] = out / "nemenyi.csv"
-        with atomic_path(files["nemenyi"], fsync=False) as tmp:
-            comp.nemenyi.to_csv(tmp)
+    tables = {"means": comp.means, "ranks": comp.ranks, "nemenyi": comp.nemenyi}
+    files = {name: out / f"{name}.csv" for name, t in tables.items() if t is not None}
+    for name, path in files.items():  # each file in one rename: never half-written (the set may mix runs)
+        with atomic_path(path, fsync=False) as tmp:
+            tables[name].to_csv(tmp)
     png = cd_diagram_png(comp, out / "cd_diagram.png")
     if png is not None:
         files["cd_diagram"] = png
