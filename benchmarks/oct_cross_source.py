@@ -50,7 +50,7 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
-def _split(all_ids: list[str], train_ids: list[str], test_ids: list[str], ds) -> dict:
+def _split(train_ids: list[str], test_ids: list[str], ds) -> dict:
     """A split file whose fold "all" trains on `train_ids` and whose test part is `test_ids`."""
     from medstudent.data.splits import SPLIT_FORMAT
 
@@ -87,7 +87,7 @@ def _train_and_predict(ds, train_ids, test_ids, overrides, out: Path) -> tuple[n
         shutil.rmtree(out)
     out.mkdir(parents=True)
     split_path = RunDir(out).split
-    save_split(_split(ds.ids(), train_ids, test_ids, ds), split_path)
+    save_split(_split(train_ids, test_ids, ds), split_path)
     cfg = load_config(
         "oct_cpu",
         [f"data.root={ds.root}", f"data.split={split_path}", f"train.output_dir={out}", *overrides],
